@@ -1,0 +1,252 @@
+"""GPT-2 (Radford et al. 2019): a decoder-only Transformer, written to be read top to bottom.
+
+Shapes: B batch, T new tokens, S = past + T keys, C = n_embd, nh = n_head, hs = C // nh, V vocab.
+Parameter names are GPT-2's own (wte, wpe, h.N.ln_1, attn.c_attn, ...), so OpenAI's weights load
+as a plain copy (see pretrained.py). Single device, no parallelism, no autocast: train.py adds those.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import UserError
+
+IGNORE_INDEX = -100  # targets with this value do not count in the loss (F.cross_entropy's default)
+
+
+class Cache(Protocol):
+    """What forward() needs from a KV cache (generate.KVCache is the implementation).
+
+    pos: positions already cached (the same for every row). pad: None, or a (B,) tensor of
+    left-padding lengths, for a batch of prompts of different lengths.
+    """
+
+    pos: int
+    pad: torch.Tensor | None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at [pos, pos+T); return all keys and values so far (B, nh, S, hs)."""
+        ...
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer_idx = layer_idx  # which slot of a KV cache belongs to this layer
+        self.explicit = config.attn_impl == "explicit"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Cache | None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). mask: None for plain causal attention, else bool, True = may attend."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, S, hs)
+        # With no mask, queries and keys line up (S == T, causal) or one new query sees all keys (T == 1).
+        causal = mask is None and T > 1
+        if self.explicit:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
+            if causal:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, S)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v  # (B, nh, T, hs)
+        else:
+            # FlashAttention (or memory-efficient attention) kernels on GPU; the same math on CPU.
+            p = self.attn_dropout.p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_size, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation of GELU
+        self.c_proj = nn.Linear(config.mlp_size, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.post_norm = config.norm_position == "post"
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Cache | None) -> torch.Tensor:
+        if self.post_norm:  # Vaswani et al. 2017: normalise after each residual addition
+            x = self.ln_1(x + self.attn(x, mask, kv_cache))
+            return self.ln_2(x + self.mlp(x))
+        # GPT-2: normalise each branch's input and leave the residual stream itself untouched
+        x = x + self.attn(self.ln_1(x), mask, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+def sinusoidal_positions(n_pos: int, dim: int) -> torch.Tensor:
+    """Vaswani et al. 2017 §3.5: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...). (n_pos, dim)"""
+    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]  # (n_pos, 1)
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    table = torch.zeros(n_pos, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq)
+    return table.float()
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
+        if config.pos_embedding == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:  # a fixed table, not a parameter and not saved: it is recomputed from the config
+            self.register_buffer("pos_table", sinusoidal_positions(config.block_size, config.n_embd), False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            # GPT-2 (after Press & Wolf 2017): the output projection is the token embedding matrix.
+            self.lm_head.weight = self.transformer.wte.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms, scaled residuals."""
+        std = self.config.init_std
+        for module in self.modules():
+            if module is self.lm_head and self.config.tie_weights:
+                continue  # the same tensor as wte, initialised there
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.transformer.h:
+            # GPT-2 paper §2.3: scale the weights of residual layers by 1/sqrt(N), N = 2 per block
+            # (attention and MLP each add into the residual stream), so its variance stays bounded.
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: Cache | None = None
+    ) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V); or, given targets (B, T), the mean cross-entropy.
+
+        Targets equal to IGNORE_INDEX (-100) are left out of the mean. With kv_cache, idx holds only
+        the new tokens: they sit at positions [kv_cache.pos, kv_cache.pos + T) and attend to the cache.
+        """
+        B, T = idx.shape
+        past = 0 if kv_cache is None else kv_cache.pos
+        if past + T > self.config.block_size:
+            raise UserError(
+                f"sequence length {past + T} exceeds the model's context block_size {self.config.block_size}"
+            )
+        pos, mask = self._positions_and_mask(T, past, None if kv_cache is None else kv_cache.pad, idx.device)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C) broadcast over the batch
+        else:
+            # Vaswani et al. 2017 §3.4: embeddings are multiplied by sqrt(d) before the sinusoids are
+            # added, so that tokens (init std 0.02) are not drowned by positions (amplitude 1).
+            x = x * math.sqrt(self.config.n_embd) + self.pos_table[pos]
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        # Cross-entropy in fp32 even under bf16 autocast: log-softmax over 50K classes needs the range.
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+
+    @staticmethod
+    def _positions_and_mask(
+        T: int, past: int, pad: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Position ids (T,) or (B, T), and the attention mask (None: the kernel's causal mask suffices).
+
+        A row left-padded by pad[b] tokens starts counting positions after its padding and never
+        attends to it. A padding query attends to itself only, so no softmax row is empty (NaN).
+        """
+        pos = torch.arange(past, past + T, device=device)  # (T,) absolute slots in the sequence
+        if pad is None and (past == 0 or T == 1):
+            return pos, None
+        i = pos[:, None]  # (T, 1) query slots
+        j = torch.arange(past + T, device=device)[None, :]  # (1, S) key slots
+        mask = j <= i  # (T, S): causal, aligned so that the last query sees the last key
+        if pad is None:
+            return pos, mask
+        pad = pad.to(device)[:, None, None]  # (B, 1, 1)
+        mask = mask & ((j >= pad) | (j == i))  # (B, T, S)
+        return (pos[None, :] - pad[:, :, 0]).clamp(min=0), mask[:, None]  # (B, T), (B, 1, T, S)
+
+    # --- counting -------------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """All parameters (a tied matrix counted once); non_embedding=True leaves out position embeddings.
+
+        The "non-embedding" convention (nanoGPT's) keeps wte because, tied, it is also the output layer.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token: 6N + 12·L·H·Q·T to train (PaLM paper, App. B); a third of that forward."""
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        flops = 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
+        return flops if training else flops / 3
+
+    def mfu(self, tokens_per_second: float, peak_flops: float, seq_len: int | None = None) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the peak (e.g. 989e12: H100 dense bf16)."""
+        return tokens_per_second * self.flops_per_token(seq_len) / peak_flops
+
+    # --- Hugging Face interop (pretrained.py does the work) ----------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path) -> GPT:
+        """Load a GPT-2 in Hugging Face layout from a directory, or from the hub by name ("gpt2", ...)."""
+        from gpt2lab.pretrained import load_pretrained
+
+        return load_pretrained(name_or_dir)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads to the same function."""
+        from gpt2lab.pretrained import save_pretrained
+
+        save_pretrained(self, out_dir)
