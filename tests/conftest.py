@@ -1,0 +1,43 @@
+"""Shared test helpers: the real data in ../shared/data, and small random models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2lab import GPT, GPTConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data (see its SOURCES.md); tests that need it skip on a clone without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def small_config(**overrides) -> GPTConfig:
+    """A GPT-2-shaped model small enough to run anything on CPU in milliseconds."""
+    fields = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=101)
+    return GPTConfig(**{**fields, **overrides})
+
+
+def randomized(model: GPT, seed: int = 0) -> GPT:
+    """The model with every parameter, biases and LayerNorms included, set to random values.
+
+    GPT-2's initialisation leaves biases at 0 and LayerNorms at 1, which would let a converter
+    that drops or transposes them pass unnoticed; random values make every tensor count.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if ".ln_" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)  # LayerNorm gains around 1
+            else:
+                p.copy_((0.02 if p.dim() == 2 else 0.1) * noise)
+    return model.eval()

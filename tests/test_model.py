@@ -1,0 +1,179 @@
+import math
+
+import pytest
+import torch
+from conftest import randomized, small_config
+
+from gpt2lab import GPT, GPTConfig
+from gpt2lab.errors import UserError
+from gpt2lab.generate import KVCache
+from gpt2lab.model import IGNORE_INDEX
+
+VARIANTS = {
+    "gpt2-style": {},
+    "no-bias": dict(bias=False),
+    "untied": dict(tie_weights=False),
+    "post-ln": dict(norm_position="post"),
+    "sinusoidal": dict(pos_embedding="sinusoidal"),
+    "ts-6l512-style": dict(pos_embedding="sinusoidal", norm_position="post", n_inner=96, dropout=0.1),
+}
+
+
+def test_parameter_counts_of_the_published_models():
+    assert GPT(GPTConfig.preset("gpt2")).num_params() == 124_439_808
+    # The tinytiny seed report counts parameters without position embeddings: 26.40M.
+    tinytiny = GPT(GPTConfig.preset("tinytiny"))
+    assert f"{tinytiny.num_params(non_embedding=True) / 1e6:.2f}M" == "26.40M"
+    assert tinytiny.num_params() - tinytiny.num_params(non_embedding=True) == 256 * 384
+
+
+def test_counts_match_the_state_dict():
+    for overrides in VARIANTS.values():
+        model = GPT(small_config(**overrides))
+        unique = {t.data_ptr(): t.numel() for t in model.state_dict().values()}  # a tied matrix once
+        assert model.num_params() == sum(unique.values())
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "tinytiny", "char-tiny", "ts-6l512"])
+def test_loss_at_init_is_about_ln_vocab(preset):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset(preset)).eval()
+    V, T = model.config.vocab_size, min(64, model.config.block_size)
+    idx, targets = torch.randint(0, V, (2, 8, T)).unbind(0)
+    with torch.no_grad():
+        loss = model(idx, targets).item()
+    # Logits start near zero (std sqrt(n_embd) * 0.02 ~ 0.5), so every token is about equally likely.
+    assert abs(loss - math.log(V)) < 0.2, (loss, math.log(V))
+
+
+def test_initialisation_follows_gpt2():
+    cfg = GPTConfig.preset("gpt2", n_layer=6)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    block = model.transformer.h[0]
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    assert block.attn.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.02)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.02)
+    assert torch.all(block.attn.c_attn.bias == 0) and torch.all(block.ln_1.weight == 1)
+
+
+def test_weight_tying_shares_storage():
+    model = GPT(small_config())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with torch.no_grad():
+        model.transformer.wte.weight[3, 5] = 7.0
+    assert model.lm_head.weight[3, 5].item() == 7.0
+    untied = GPT(small_config(tie_weights=False))
+    assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
+    assert untied.num_params() == model.num_params() + 101 * 64
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sdpa_and_explicit_attention_agree(variant):
+    overrides = VARIANTS[variant]
+    sdpa = randomized(GPT(small_config(**overrides)))
+    explicit = GPT(small_config(**overrides, attn_impl="explicit")).eval()
+    explicit.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 101, (3, 32))
+    with torch.no_grad():
+        a, b = sdpa(idx), explicit(idx)
+    assert a.shape == (3, 32, 101)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+def test_causality(variant, attn_impl):
+    model = randomized(GPT(small_config(**VARIANTS[variant], attn_impl=attn_impl)))
+    idx = torch.randint(0, 101, (2, 20))
+    changed = idx.clone()
+    changed[:, 11] = (changed[:, 11] + 1) % 101
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :11], b[:, :11], atol=0, rtol=0)  # positions <= 10 cannot see token 11
+    assert (a[:, 11:] - b[:, 11:]).abs().amax(dim=-1).min() > 0  # every later position does
+
+
+def test_loss_is_mean_cross_entropy_and_ignores_masked_targets():
+    model = randomized(GPT(small_config()))
+    idx, targets = torch.randint(0, 101, (2, 2, 16)).unbind(0)
+    with torch.no_grad():
+        logits = model(idx)
+        loss = model(idx, targets)
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        direct = -logp.gather(-1, targets[..., None]).mean()
+        assert loss.item() == pytest.approx(direct.item(), abs=1e-5)
+        masked = targets.clone()
+        masked[:, :10] = IGNORE_INDEX
+        kept = -logp.gather(-1, targets[..., None])[:, 10:].mean()
+        assert model(idx, masked).item() == pytest.approx(kept.item(), abs=1e-5)
+
+
+def test_dropout_is_active_only_in_training():
+    model = GPT(small_config(dropout=0.5))
+    idx = torch.randint(0, 101, (2, 16))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_backward_reaches_every_parameter():
+    for overrides in VARIANTS.values():
+        model = GPT(small_config(**overrides))
+        idx, targets = torch.randint(0, 101, (2, 2, 16)).unbind(0)
+        model(idx, targets).backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_sequence_longer_than_context_is_a_clear_error():
+    model = GPT(small_config())
+    with pytest.raises(UserError, match="sequence length 33 exceeds the model's context block_size 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("attn_impl", ["sdpa", "explicit"])
+def test_kv_cache_forward_equals_full_forward(variant, attn_impl):
+    model = randomized(GPT(small_config(**VARIANTS[variant], attn_impl=attn_impl)))
+    idx = torch.randint(0, 101, (2, 24))
+    cache = KVCache(model.config, batch_size=2)
+    with torch.no_grad():
+        full = model(idx)
+        pieces = [model(idx[:, :10], kv_cache=cache), model(idx[:, 10:15], kv_cache=cache)]
+        pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(15, 24)]  # one token at a time
+    assert cache.pos == 24
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        model(torch.zeros(2, 9, dtype=torch.long), kv_cache=cache)
+
+
+def test_left_padded_batch_equals_each_row_alone():
+    model = randomized(GPT(small_config()))
+    prompts = [torch.randint(0, 101, (n,)) for n in (7, 12, 3)]
+    width = max(len(p) for p in prompts)
+    pad = torch.tensor([width - len(p) for p in prompts])
+    batch = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    nxt = torch.randint(0, 101, (3, 4))
+    cache = KVCache(model.config, batch_size=3, pad=pad)
+    with torch.no_grad():
+        prefill = model(batch, kv_cache=cache)
+        steps = [model(nxt[:, t : t + 1], kv_cache=cache) for t in range(4)]
+        for b, p in enumerate(prompts):
+            alone = model(torch.cat([p, nxt[b]])[None])[0]  # (len + 4, V)
+            torch.testing.assert_close(prefill[b, pad[b] :], alone[: len(p)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                torch.cat([s[b] for s in steps]), alone[len(p) :], atol=1e-5, rtol=1e-5
+            )
+
+
+def test_flops_and_mfu():
+    model = GPT(GPTConfig.preset("gpt2"))
+    N = model.num_params(non_embedding=True)
+    assert model.flops_per_token(1024) == 6 * N + 12 * 12 * 12 * 64 * 1024
+    assert model.flops_per_token(1024, training=False) == pytest.approx(model.flops_per_token(1024) / 3)
+    # 400K tokens/s of GPT-2 124M at T=1024 on a 989 TFLOP/s GPU is about 35% MFU.
+    assert model.mfu(400e3, 989e12, seq_len=1024) == pytest.approx(400e3 * 8.5518e8 / 989e12, rel=1e-3)

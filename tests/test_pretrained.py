@@ -1,0 +1,176 @@
+"""Our GPT-2 against the reference implementation: Hugging Face transformers' GPT2LMHeadModel."""
+
+import json
+
+import pytest
+import torch
+from conftest import randomized, small_config
+from safetensors.torch import load_file, save_file
+
+from gpt2lab import GPT, GPTConfig
+from gpt2lab.checkpoint import load_model, save_checkpoint
+from gpt2lab.errors import UserError
+from gpt2lab.pretrained import convert
+
+transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is the reference")
+
+
+def hf_logits(path, idx):
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def random_hf_model(**config) -> "transformers.GPT2LMHeadModel":
+    """A transformers GPT-2 with random values in every tensor (biases and LayerNorms included)."""
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * noise if ".ln_" in name and name.endswith("weight") else 0.02 * noise)
+    return hf
+
+
+SMALL_HF = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=101)
+
+
+@pytest.mark.slow
+def test_gpt2_124m_logits_equal_transformers_both_ways(tmp_path):
+    ours = randomized(GPT(GPTConfig.preset("gpt2")))
+    ours.save_pretrained(tmp_path / "ours")
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours(idx)
+    assert (hf_logits(tmp_path / "ours", idx) - expected).abs().max().item() <= 1e-4
+
+    hf = random_hf_model()  # GPT2Config() defaults are GPT-2 124M
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = GPT.from_pretrained(tmp_path / "hf")
+    assert loaded.config == GPTConfig.preset("gpt2") and loaded.num_params() == 124_439_808
+    with torch.no_grad():
+        assert (loaded(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(bias=False), dict(tie_weights=False), dict(n_inner=80), dict(layer_norm_epsilon=1e-3)],
+    ids=["gpt2-style", "no-bias", "untied", "n_inner", "eps"],
+)
+def test_small_model_exports_to_the_same_function(tmp_path, overrides):
+    ours = randomized(GPT(small_config(**overrides)))
+    ours.save_pretrained(tmp_path)
+    idx = torch.randint(0, 101, (3, 32))
+    with torch.no_grad():
+        expected = ours(idx)
+    assert (hf_logits(tmp_path, idx) - expected).abs().max().item() <= 1e-4
+    back = GPT.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert (back(idx) - expected).abs().max().item() <= 1e-5
+
+
+def test_small_transformers_model_imports_to_the_same_function(tmp_path):
+    hf = random_hf_model(**SMALL_HF)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path)
+    assert not ours.training
+    idx = torch.randint(0, 101, (3, 32))
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_hub_layout_and_pytorch_bin_load(tmp_path):
+    """The hub's own gpt2 files name tensors without `transformer.` and carry attn.bias mask buffers."""
+    hf = random_hf_model(**SMALL_HF)
+    hf.config.save_pretrained(tmp_path / "hub")
+    tensors = {k: v.contiguous() for k, v in hf.transformer.state_dict().items()}
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
+    save_file(tensors, tmp_path / "hub" / "model.safetensors")
+    hf.config.save_pretrained(tmp_path / "bin")
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    idx = torch.randint(0, 101, (2, 32))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        for layout in ("hub", "bin"):
+            assert (GPT.from_pretrained(tmp_path / layout)(idx) - expected).abs().max().item() <= 1e-4
+
+
+def _broken_copy(tmp_path, edit):
+    hf = random_hf_model(**SMALL_HF)
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def test_missing_extra_and_misshaped_tensors_are_named(tmp_path):
+    d = _broken_copy(tmp_path / "a", lambda t: t.pop("transformer.h.1.mlp.c_fc.weight"))
+    with pytest.raises(UserError, match=r"missing tensor 'transformer.h.1.mlp.c_fc.weight'"):
+        GPT.from_pretrained(d)
+    d = _broken_copy(tmp_path / "b", lambda t: t.update({"transformer.h.2.ln_1.weight": torch.ones(64)}))
+    with pytest.raises(UserError, match=r"unexpected tensor 'transformer.h.2.ln_1.weight'"):
+        GPT.from_pretrained(d)
+    d = _broken_copy(tmp_path / "c", lambda t: t.update({"transformer.wpe.weight": torch.zeros(16, 64)}))
+    with pytest.raises(
+        UserError, match=r"tensor 'transformer.wpe.weight' has shape \(16, 64\), expected \(32, 64\)"
+    ):
+        GPT.from_pretrained(d)
+
+
+def test_unreadable_or_foreign_files_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="neither a directory nor one of the hub models"):
+        GPT.from_pretrained(tmp_path / "nope")
+    hf = random_hf_model(**SMALL_HF)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match="the weights cannot be read"):
+        GPT.from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    with pytest.raises(UserError, match="activation_function 'relu' is not GPT-2's tanh GELU"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="config.json is not valid JSON"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_architectures_transformers_cannot_express_refuse_to_export(tmp_path):
+    for overrides, what in [
+        (dict(norm_position="post"), "pre-LayerNorm"),
+        (dict(pos_embedding="sinusoidal"), "learned"),
+    ]:
+        with pytest.raises(UserError, match=what):
+            GPT(small_config(**overrides)).save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
+    model = randomized(GPT(small_config(pos_embedding="sinusoidal", norm_position="post")))
+    save_checkpoint(tmp_path / "ckpt", model, extra={"note": "first"})
+    other = randomized(GPT(small_config(pos_embedding="sinusoidal", norm_position="post")), seed=1)
+    save_checkpoint(tmp_path / "ckpt", other)  # replaces the old checkpoint as a whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary leftovers
+    loaded = load_model(tmp_path / "ckpt")
+    assert "note" not in json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    idx = torch.randint(0, 101, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), other(idx), atol=0, rtol=0)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied after loading
+    with pytest.raises(UserError, match="is not a gpt2lab checkpoint: no config.json"):
+        load_model(tmp_path)
+
+
+def test_convert_both_directions(tmp_path):
+    hf = random_hf_model(**SMALL_HF)
+    hf.save_pretrained(tmp_path / "hf")
+    report = convert(tmp_path / "ckpt", pretrained=tmp_path / "hf")
+    assert "reloaded logits identical" in report
+    convert(tmp_path / "hf2", ckpt=tmp_path / "ckpt")
+    idx = torch.randint(0, 101, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(hf_logits(tmp_path / "hf2", idx), hf(idx).logits)
+    with pytest.raises(UserError, match="exactly one of"):
+        convert(tmp_path / "x")
