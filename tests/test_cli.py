@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -51,3 +52,21 @@ def test_python_dash_m_entry_point():
     )
     assert result.returncode == 0, result.stderr
     assert "1,557,611,200" in result.stdout
+
+
+def test_hub_download_offline_is_a_clear_error(tmp_path):
+    """The real download path, run offline: one line that says how to provide the files instead."""
+    pytest.importorskip("huggingface_hub")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2lab", "convert", "--pretrained", "gpt2", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "gpt2lab convert: error: could not download 'gpt2' from the Hugging Face hub"
+    )
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
