@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gpt2lab.atomic import atomic_write, write_json  # noqa: F401  (re-exported for callers)
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT
@@ -63,23 +63,6 @@ def copy_weights(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> N
 
 def _names(names: list[str]) -> str:
     return repr(names[0]) + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write one file through a temporary sibling and os.replace, so `path` is always old or whole-new."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def save_checkpoint(out_dir: str | Path, model: GPT, extra: dict[str, Any] | None = None) -> Path:

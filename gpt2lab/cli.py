@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from gpt2lab.config import PRESETS, GPTConfig
+from gpt2lab.config import PRESETS, GPTConfig, PrepareConfig
 from gpt2lab.errors import UserError
 
 
@@ -21,7 +21,9 @@ def _parse_optional(inner: type) -> Any:
     return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, group_title: str) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type, group_title: str, exclude: tuple[str, ...] = ()
+) -> None:
     """One kebab-case flag per dataclass field (`n_embd` -> `--n-embd`), typed from its annotation.
 
     Flags default to "not given", so only what the user types overrides the preset or recipe.
@@ -29,6 +31,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, group_title: st
     group = parser.add_argument_group(group_title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         hint, kwargs = hints[f.name], {}
         args = typing.get_args(hint)
         if hint is bool:
@@ -68,6 +72,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(convert(args.out, ckpt=args.ckpt, pretrained=args.pretrained))
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from gpt2lab.shards import run
+
+    run(PrepareConfig(**config_overrides(args, PrepareConfig)))  # SOURCE is the positional argument
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2lab", description="GPT-2 from scratch: train, evaluate, sample, serve, fine-tune."
@@ -101,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize a corpus into token shards",
+        description="SOURCE: a named dataset (tinystories, wikitext103, fineweb-edu, shakespeare) or a path: "
+        "a .txt file (--separator eot|blank-line|TEXT splits it into documents), a folder of .txt files, "
+        "a .jsonl or .parquet file (--text-field). Re-running resumes an interrupted prepare.",
+    )
+    p.add_argument("source", help="named dataset or path")
+    add_config_flags(p, PrepareConfig, "prepare settings", exclude=("source",))
+    p.set_defaults(func=cmd_prepare)
     return parser
 
 

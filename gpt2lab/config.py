@@ -127,3 +127,41 @@ PRESETS: dict[str, dict[str, Any]] = {
 def pad_vocab_size(vocab_size: int, multiple: int = 64) -> int:
     """Round vocab_size up to a multiple (50257 -> 50304): matmuls with such shapes run faster on GPUs."""
     return -(-vocab_size // multiple) * multiple
+
+
+@dataclass
+class PrepareConfig:
+    """`gpt2lab prepare`: a corpus -> token shards (see shards.py)."""
+
+    source: str = ""  # a named dataset (tinystories, wikitext103, fineweb-edu, shakespeare) or a path
+    out: str = ""  # output directory
+    tokenizer: str = "gpt2"  # gpt2, char, bytes, or a tokenizer directory
+    gpt2_vocab: str | None = None  # directory with GPT-2's encoder.json + vocab.bpe (else the cache)
+    separator: str | None = None  # split .txt files into documents at this text ("eot", "blank-line")
+    text_field: str = "text"  # field of .jsonl records / column of .parquet files
+    val_fraction: float | None = None  # val = the last fraction of the text (default 0.1)
+    val_docs: int | None = None  # val = the first N documents (instead of val_fraction)
+    shard_tokens: int = 100_000_000  # tokens per shard file (build-nanogpt: 1e8)
+    max_tokens: int | None = None  # stop the train split after this many tokens
+    workers: int = 1  # tokenizer processes
+    name: str | None = None  # shard file prefix (default: the source's name)
+
+    def __post_init__(self) -> None:
+        if self.val_fraction is not None and self.val_docs is not None:
+            raise UserError("give --val-fraction or --val-docs, not both")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("val_docs", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"{name} must be positive, got {value}")
+        if self.shard_tokens <= 0 or self.workers <= 0:
+            raise UserError(
+                f"shard_tokens and workers must be positive, got {self.shard_tokens}, {self.workers}"
+            )
+        aliases = {"eot": "<|endoftext|>", "blank-line": "\n\n"}
+        if self.separator is not None:
+            sep = aliases.get(self.separator, self.separator)
+            self.separator = sep.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
+            if not self.separator:
+                raise UserError("separator must not be empty")

@@ -14,14 +14,8 @@ from typing import Any
 
 import torch
 
-from gpt2lab.checkpoint import (
-    atomic_write,
-    copy_weights,
-    load_model,
-    model_tensors,
-    save_checkpoint,
-    write_json,
-)
+from gpt2lab.atomic import atomic_write, write_json
+from gpt2lab.checkpoint import copy_weights, load_model, model_tensors, save_checkpoint
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT

@@ -1,0 +1,124 @@
+"""Batches of (x, y) token windows from memory-mapped shards, rank-aware, resumable to the exact batch.
+
+A window is T + 1 consecutive tokens of one shard; x is its first T tokens and y the last T
+(y = x shifted by one). Two modes:
+
+- "random": every batch takes B windows at uniformly random offsets, as nanoGPT and the seed
+  runs did. The offsets of batch k on rank r come from a generator seeded with (seed, r, k), so
+  the stream is a pure function of the step: resuming needs only the step counter.
+- "sequential": the split is cut into non-overlapping windows (stride T); each epoch visits all
+  of them once, in an order shuffled by (seed, epoch). The epochs form one stream of windows and
+  global batch k takes its next world_size * B of them, rank r the r-th block of B: the ranks
+  read disjoint windows, and every window is seen exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from gpt2lab.errors import UserError
+from gpt2lab.shards import read_manifest, read_shard
+
+
+class ShardLoader:
+    """next_batch() -> (x, y), both (B, T) int64 on `device`; state_dict() / load_state_dict() to resume."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        mode: Literal["random", "sequential"] = "random",
+        seed: int = 1337,
+        device: str | torch.device = "cpu",
+    ):
+        if mode not in ("random", "sequential"):
+            raise UserError(f"loader mode must be 'random' or 'sequential', got {mode!r}")
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is not in [0, world_size {world_size})")
+        self.manifest = read_manifest(data_dir)
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise UserError(f"{data_dir} has no {split!r} split; it has {sorted(splits)}")
+        self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.mode, self.seed, self.device = mode, seed, torch.device(device)
+        shards = [read_shard(Path(data_dir) / name) for name in splits[split]["shards"]]
+        self.shards = [s for s in shards if len(s) >= seq_len + 1]  # a shard shorter than a window is unused
+        self.n_tokens = sum(len(s) for s in shards)
+        if mode == "random":
+            if not self.shards:
+                raise UserError(
+                    f"the {split} split ({self.n_tokens} tokens) is too small for one window of "
+                    f"seq_len + 1 = {seq_len + 1} tokens"
+                )
+            sizes = np.array([len(s) - seq_len for s in self.shards], dtype=np.float64)
+            self.shard_p = sizes / sizes.sum()  # offsets uniform over all valid window starts
+        else:
+            counts = [(len(s) - 1) // seq_len for s in self.shards]
+            self.window_starts = np.cumsum([0, *counts])  # window w lives in shard searchsorted(w)
+            self.n_windows = int(self.window_starts[-1])
+            if self.n_windows < batch_size * world_size:
+                raise UserError(
+                    f"the {split} split has {self.n_windows} windows of {seq_len + 1} tokens, fewer than one "
+                    f"global batch of {batch_size} x {world_size} ranks"
+                )
+            self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+        self.step = 0
+
+    def _random_windows(self, step: int) -> list[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, self.rank, step])
+        shard_ids = rng.choice(len(self.shards), size=self.B, p=self.shard_p)
+        return [(int(s), int(rng.integers(0, len(self.shards[s]) - self.T))) for s in shard_ids]
+
+    def _sequential_windows(self, step: int) -> list[tuple[int, int]]:
+        first = (step * self.world_size + self.rank) * self.B  # position in the endless stream of epochs
+        windows = []
+        for p in range(first, first + self.B):
+            epoch, i = divmod(p, self.n_windows)
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            w = int(self._perm[i])
+            shard = int(np.searchsorted(self.window_starts, w, side="right")) - 1
+            windows.append((shard, (w - int(self.window_starts[shard])) * self.T))
+        return windows
+
+    def windows(self, step: int) -> list[tuple[int, int]]:
+        """(shard index, start offset) of the B windows this rank reads at `step`."""
+        return self._random_windows(step) if self.mode == "random" else self._sequential_windows(step)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        buf = np.stack([self.shards[s][o : o + self.T + 1] for s, o in self.windows(self.step)])  # (B, T+1)
+        self.step += 1
+        batch = torch.from_numpy(buf.astype(np.int64))
+        if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return batch[:, :-1], batch[:, 1:]  # x (B, T), y (B, T)
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        geometry = {"batch_size": self.B, "seq_len": self.T, "rank": self.rank, "world_size": self.world_size}
+        return {"step": self.step, "mode": self.mode, "seed": self.seed, **geometry}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the saved loader was; its batch geometry and mode must be ours."""
+        for key in ("mode", "seed", "batch_size", "seq_len", "world_size", "rank"):
+            mine = self.state_dict()[key]
+            if state.get(key) != mine:
+                raise UserError(f"loader state has {key} {state.get(key)!r}, this loader has {mine!r}")
+        self.step = int(state["step"])
+
+    @property
+    def epoch(self) -> float:
+        """Fraction of the split's tokens consumed across all ranks so far."""
+        return self.step * self.B * self.T * self.world_size / max(self.n_tokens, 1)
