@@ -518,27 +518,29 @@ def count_pretokens(
 
 
 class _Progress:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+    """A progress bar on stderr: redrawn in place on a terminal, a line per 10% in a log file."""
 
     def __init__(self, total: int, label: str, enabled: bool):
         self.total, self.label, self.enabled = total, label, enabled
+        self.tty = enabled and sys.stderr.isatty()
         self.start = self.last = time.perf_counter()
+        self.next_decile = 1
 
     def update(self, done: int) -> None:
+        if not self.enabled:
+            return
         now = time.perf_counter()
-        if self.enabled and (now - self.last > 0.1 or done == self.total):
+        frac = done / max(1, self.total)
+        if self.tty and (now - self.last > 0.1 or done == self.total):
             self.last = now
-            frac = done / max(1, self.total)
-            bar = "#" * int(30 * frac)
-            print(
-                f"\r{self.label} [{bar:<30}] {done}/{self.total} {now - self.start:.1f}s",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
+            line = f"\r{self.label} [{'#' * int(30 * frac):<30}] {done}/{self.total} {now - self.start:.1f}s"
+            print(line, end="", file=sys.stderr, flush=True)
+        elif not self.tty and frac * 10 >= self.next_decile:
+            self.next_decile = int(frac * 10) + 1
+            print(f"{self.label}: {done}/{self.total} {now - self.start:.1f}s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.tty:
             print(file=sys.stderr, flush=True)
 
 

@@ -499,3 +499,36 @@ def stats(tok: Tokenizer, path: str | Path, top: int = 20) -> str:
         for k, (a, b) in enumerate(tok.merges()[:top]):
             lines.append(f"  {256 + k:>6}: {a!r} + {b!r}")
     return "\n".join(lines)
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    vocab_size: int,
+    out_dir: str | Path,
+    special_tokens: Sequence[str] = (),
+    name: str | None = None,
+    allow_smaller: bool = False,
+    progress: bool = True,
+) -> str:
+    """Train a BPE on files/folders, save it to out_dir (loadable by get_tokenizer(out_dir)); a summary."""
+    import itertools
+    import time
+
+    from gpt2lab.bpe import iter_corpus, train
+
+    specials = list(dict.fromkeys([EOT, *special_tokens]))
+    for p in inputs:
+        if not Path(p).exists():
+            raise UserError(f"--input {str(p)!r} does not exist")
+    corpus = itertools.chain.from_iterable(iter_corpus(p) for p in inputs)
+    t0 = time.perf_counter()
+    bpe = train(corpus, vocab_size, specials, progress=progress, allow_smaller=allow_smaller)
+    seconds = time.perf_counter() - t0
+    out = Path(out_dir)
+    tok = BPETokenizer(bpe, name or out.resolve().name, backend="python")
+    tok.save(out)
+    n_merges = bpe.vocab_size - 256 - len(specials)
+    return (
+        f"wrote {out}: vocab_size {bpe.vocab_size} = 256 bytes + {n_merges} merges + {len(specials)} special "
+        f"{specials} in {seconds:.1f}s; load it with get_tokenizer({str(out)!r})"
+    )
