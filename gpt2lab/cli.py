@@ -78,6 +78,40 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     run(PrepareConfig(**config_overrides(args, PrepareConfig)))  # SOURCE is the positional argument
 
 
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from gpt2lab.tokenizer import get_tokenizer, parse_ids, stats, train_tokenizer
+
+    if args.action == "train":
+        print(
+            train_tokenizer(
+                args.input,
+                args.vocab_size,
+                args.out,
+                args.special,
+                name=args.name,
+                allow_smaller=args.allow_smaller_vocab,
+                progress=not args.quiet,
+            )
+        )
+        return
+    tok = get_tokenizer(args.tokenizer, vocab_dir=args.gpt2_vocab, backend=args.backend, corpus=args.corpus)
+    if args.action == "encode":
+        text = args.text if args.text is not None else _read_text(args.input)
+        print(" ".join(map(str, tok.encode(text, allowed_special="all" if args.allow_special else set()))))
+    elif args.action == "decode":
+        sys.stdout.write(tok.decode(parse_ids(args.ids if args.ids is not None else _read_text(args.input))))
+        sys.stdout.write("\n")
+    else:
+        print(stats(tok, args.input, args.top))
+
+
+def _read_text(path: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path!r} as UTF-8 text ({e})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2lab", description="GPT-2 from scratch: train, evaluate, sample, serve, fine-tune."
@@ -122,6 +156,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="named dataset or path")
     add_config_flags(p, PrepareConfig, "prepare settings", exclude=("source",))
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "tokenizer",
+        help="train a byte-level BPE; encode, decode, stats",
+        description="Tokenizers: gpt2 (OpenAI's vocab), a directory `tokenizer train` wrote, char, bytes.",
+    )
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = tsub.add_parser("train", help="learn a BPE vocabulary from text files or folders")
+    t.add_argument("--input", nargs="+", required=True, help="text file(s) or folder(s) (UTF-8)")
+    t.add_argument("--vocab-size", type=int, required=True, help="256 bytes + merges + special tokens")
+    t.add_argument("--out", required=True, help="output directory (encoder.json, vocab.bpe, vocab.tiktoken)")
+    t.add_argument(
+        "--special", nargs="*", default=[], metavar="TOKEN", help="special tokens besides <|endoftext|>"
+    )
+    t.add_argument("--name", default=None, help="tokenizer name (default: the --out folder name)")
+    t.add_argument(
+        "--allow-smaller-vocab",
+        action="store_true",
+        help="if the corpus runs out of pairs, keep the smaller vocabulary instead of failing",
+    )
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    for action, help_ in (
+        ("encode", "text -> token ids"),
+        ("decode", "token ids -> text"),
+        ("stats", "bytes/token on a file and the first merges"),
+    ):
+        t = tsub.add_parser(action, help=help_)
+        t.add_argument("--tokenizer", default="gpt2", help="gpt2 | bytes | char | DIR (default gpt2)")
+        t.add_argument(
+            "--gpt2-vocab", default=None, metavar="DIR", help="folder with encoder.json + vocab.bpe"
+        )
+        t.add_argument("--backend", choices=["tiktoken", "python"], default=None, help="BPE encoder")
+        t.add_argument("--corpus", default=None, help="text file the char tokenizer's alphabet comes from")
+        if action == "encode":
+            src = t.add_mutually_exclusive_group(required=True)
+            src.add_argument("--text", help="text to encode")
+            src.add_argument("--input", help="UTF-8 file to encode ('-' for stdin)")
+            t.add_argument(
+                "--allow-special", action="store_true", help="map <|endoftext|> etc. in text to ids"
+            )
+        elif action == "decode":
+            src = t.add_mutually_exclusive_group(required=True)
+            src.add_argument("--ids", help='ids, e.g. "15496 995"')
+            src.add_argument("--input", help="file of ids ('-' for stdin)")
+        else:
+            t.add_argument("--input", required=True, help="UTF-8 file to measure")
+            t.add_argument("--top", type=int, default=20, help="how many merges to list (default 20)")
+    p.set_defaults(func=cmd_tokenizer)
     return parser
 
 
