@@ -117,15 +117,10 @@ def split_streams(corpus: Corpus, cfg: PrepareConfig) -> dict[str, Any]:
             "val": f"the first {n} documents",
         }
     frac = policy["val_fraction"]
-    state: dict[str, int] = {}
-
-    def boundary() -> int:
-        if "chars" not in state:
-            state["chars"] = sum(len(d) for d in stream())
-        return round(state["chars"] * (1 - frac))
+    cut = round(sum(len(d) for d in stream()) * (1 - frac))  # one counting pass over the text
 
     def part(want_val: bool) -> Iterator[str]:
-        cut, offset = boundary(), 0
+        offset = 0
         for doc in stream():
             start, offset = offset, offset + len(doc)
             if offset <= cut:  # wholly before the boundary
@@ -150,11 +145,11 @@ def split_streams(corpus: Corpus, cfg: PrepareConfig) -> dict[str, Any]:
 _worker_tok = None
 
 
-def _init_worker(spec: dict[str, Any]) -> None:
+def _init_worker(spec: dict[str, Any], vocab_dir: str | None) -> None:
     global _worker_tok
     from gpt2lab.tokenizer import get_tokenizer
 
-    _worker_tok = get_tokenizer(spec)
+    _worker_tok = get_tokenizer(spec, vocab_dir=vocab_dir)
 
 
 def _encode_docs(docs: list[str], tok: Any = None) -> list[np.ndarray]:
@@ -164,7 +159,7 @@ def _encode_docs(docs: list[str], tok: Any = None) -> list[np.ndarray]:
     return [np.array([tok.eot_id, *doc_ids], dtype=np.int64) for doc_ids in ids]
 
 
-def _batches(docs: Iterator[str], max_chars: int = 1 << 20, max_docs: int = 4096) -> Iterator[list[str]]:
+def _batches(docs: Iterator[str], max_chars: int = 1 << 18, max_docs: int = 1024) -> Iterator[list[str]]:
     batch: list[str] = []
     size = 0
     for doc in docs:
@@ -177,22 +172,29 @@ def _batches(docs: Iterator[str], max_chars: int = 1 << 20, max_docs: int = 4096
         yield batch
 
 
-def tokenized(docs: Iterator[str], tok: Any, workers: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(characters, tokens) per document, in document order, whatever the number of workers."""
+def worker_pool(tok: Any, workers: int, vocab_dir: str | None) -> Any:
+    """Tokenizer processes (None for workers=1: tokenize in this process). Spawned, not forked, so
+    that threads of torch or the tokenizer in this process cannot deadlock them."""
     if workers <= 1:
+        return None
+    ctx = multiprocessing.get_context("spawn")
+    return ctx.Pool(workers, initializer=_init_worker, initargs=(tok.to_spec(), vocab_dir))
+
+
+def tokenized(docs: Iterator[str], tok: Any, pool: Any) -> Iterator[tuple[int, np.ndarray]]:
+    """(characters, tokens) per document, in document order, with or without a worker pool."""
+    if pool is None:
         for batch in _batches(docs):
             yield from zip(map(len, batch), _encode_docs(batch, tok), strict=True)
         return
-    ctx = multiprocessing.get_context("spawn")  # safe with torch and tokenizer threads in the parent
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.to_spec(),)) as pool:
-        pending: list[tuple[list[int], Any]] = []
-        for batch in _batches(docs):  # keep a bounded number of batches in flight, in order
-            pending.append(([len(d) for d in batch], pool.apply_async(_encode_docs, (batch,))))
-            if len(pending) > 2 * workers:
-                lengths, result = pending.pop(0)
-                yield from zip(lengths, result.get(), strict=True)
-        for lengths, result in pending:
+    pending: list[tuple[list[int], Any]] = []
+    for batch in _batches(docs):  # a bounded number of batches in flight, results taken in order
+        pending.append(([len(d) for d in batch], pool.apply_async(_encode_docs, (batch,))))
+        if len(pending) > 2 * pool._processes:
+            lengths, result = pending.pop(0)
             yield from zip(lengths, result.get(), strict=True)
+    for lengths, result in pending:
+        yield from zip(lengths, result.get(), strict=True)
 
 
 class Progress:
@@ -249,7 +251,6 @@ def prepare(cfg: PrepareConfig, tok: Any, log: Any = print) -> dict[str, Any]:
     plan = split_streams(corpus, cfg)
     settings = _settings(cfg, corpus, tok, plan["val"])
     name = cfg.name or corpus.name
-    dtype = token_dtype(tok.vocab_size)
 
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
@@ -264,56 +265,13 @@ def prepare(cfg: PrepareConfig, tok: Any, log: Any = print) -> dict[str, Any]:
         log(f"resuming the interrupted prepare in {out}")
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    ReplacementCounter.count = state.get("replaced", 0)
-
-    for split, stream in plan["splits"].items():
-        st = state["splits"].setdefault(
-            split, {"shards": [], "docs_done": 0, "skip": 0, "tokens": 0, "documents": 0, "done": False}
-        )
-        if st["done"]:
-            continue
-        cap = cfg.max_tokens if split == "train" and cfg.max_tokens is not None else None
-        buffer = np.empty(cfg.shard_tokens, dtype=dtype)
-        fill, progress = 0, Progress(f"{name} {split}")
-        base = st["docs_done"]  # resume: documents already wholly in shards are skipped, not re-tokenized
-        docs = islice(stream(), base, None)
-        for i, (chars, toks) in enumerate(tokenized(docs, tok, cfg.workers)):
-            progress.update(chars, len(toks))
-            skip = st["skip"] if i == 0 else 0  # tokens of this document already in the last shard
-            if skip == 0:
-                st["documents"] += 1
-            if cap is not None:
-                toks = toks[: max(0, cap - st["tokens"] - fill + skip)]
-            pos = skip
-            while pos < len(toks):
-                take = min(len(toks) - pos, cfg.shard_tokens - fill)
-                buffer[fill : fill + take] = toks[pos : pos + take]
-                fill, pos = fill + take, pos + take
-                if fill == cfg.shard_tokens:
-                    shard = f"{name}_{split}_{len(st['shards']):06d}.bin"
-                    write_shard(out / shard, buffer)
-                    st["shards"].append(shard)
-                    st["tokens"] += fill
-                    fill = 0
-                    done_with_doc = pos == len(toks)
-                    st["docs_done"] = base + i + (1 if done_with_doc else 0)
-                    st["skip"] = 0 if done_with_doc else pos
-                    state["replaced"] = ReplacementCounter.count
-                    write_json(out / STATE, state)
-            if cap is not None and st["tokens"] + fill >= cap:
-                break
-        progress.close()
-        if fill:
-            shard = f"{name}_{split}_{len(st['shards']):06d}.bin"
-            write_shard(out / shard, buffer[:fill])
-            st["shards"].append(shard)
-            st["tokens"] += fill
-        if st["tokens"] == 0:
-            raise UserError(f"{cfg.source}: the {split} split has no documents (empty corpus?)")
-        st["done"] = True
-        state["replaced"] = ReplacementCounter.count
-        write_json(out / STATE, state)
-        log(progress.line().replace(": ", f": {len(st['shards'])} shard(s), ", 1))
+    pool = worker_pool(tok, cfg.workers, cfg.gpt2_vocab)
+    try:
+        for split, stream in plan["splits"].items():
+            _write_split(cfg, split, stream, state, tok, pool, out / name, log)
+    finally:
+        if pool is not None:
+            pool.terminate()
 
     manifest = {
         "format": FORMAT,
@@ -322,7 +280,7 @@ def prepare(cfg: PrepareConfig, tok: Any, log: Any = print) -> dict[str, Any]:
         "tokenizer": tok.to_spec(),
         "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
-        "dtype": dtype.name,
+        "dtype": token_dtype(tok.vocab_size).name,
         "source": corpus.description,
         "settings": settings,
         "replaced_undecodable_bytes": state.get("replaced", 0),
@@ -337,6 +295,72 @@ def prepare(cfg: PrepareConfig, tok: Any, log: Any = print) -> dict[str, Any]:
         n = manifest["replaced_undecodable_bytes"]
         log(f"warning: {n} undecodable byte sequences were replaced by U+FFFD")
     return manifest
+
+
+def _write_split(
+    cfg: PrepareConfig,
+    split: str,
+    stream: Any,
+    state: dict[str, Any],
+    tok: Any,
+    pool: Any,
+    prefix: Path,
+    log: Any,
+) -> None:
+    """Tokenize one split into shards `<prefix>_<split>_NNNNNN.bin`, saving the state after each shard.
+
+    The state says how many of the split's documents are wholly in shards (docs_done) and how many
+    tokens of the next one are (skip), so a resumed run re-tokenizes only from that document on.
+    """
+    st = state["splits"].setdefault(
+        split, {"shards": [], "docs_done": 0, "skip": 0, "tokens": 0, "documents": 0, "done": False}
+    )
+    if st["done"]:
+        return
+    out = prefix.parent
+    cap = cfg.max_tokens if split == "train" else None
+    buffer = np.empty(cfg.shard_tokens, dtype=token_dtype(tok.vocab_size))
+    fill, progress = 0, Progress(f"{prefix.name} {split}")
+
+    def flush(n: int) -> None:
+        shard = f"{prefix.name}_{split}_{len(st['shards']):06d}.bin"
+        write_shard(out / shard, buffer[:n])
+        st["shards"].append(shard)
+        st["tokens"] += n
+
+    # Every pass reads the source from its start (skipping what is written), so the largest count
+    # of replaced byte sequences seen in one pass is the source's.
+    ReplacementCounter.count = 0
+    base = st["docs_done"]
+    for i, (chars, toks) in enumerate(tokenized(islice(stream(), base, None), tok, pool)):
+        progress.update(chars, len(toks))
+        skip = st["skip"] if i == 0 else 0  # tokens of this document already in the last shard
+        if skip == 0:
+            st["documents"] += 1
+        if cap is not None:
+            toks = toks[: skip + max(0, cap - st["tokens"] - fill)]
+        pos = skip
+        while pos < len(toks):
+            take = min(len(toks) - pos, cfg.shard_tokens - fill)
+            buffer[fill : fill + take] = toks[pos : pos + take]
+            fill, pos = fill + take, pos + take
+            if fill == cfg.shard_tokens:
+                flush(fill)
+                fill = 0
+                whole = pos == len(toks)
+                st["docs_done"], st["skip"] = base + i + int(whole), 0 if whole else pos
+                write_json(out / STATE, state)
+        if cap is not None and st["tokens"] + fill >= cap:
+            break
+    progress.close()
+    if fill:
+        flush(fill)
+    if st["tokens"] == 0:
+        raise UserError(f"{cfg.source}: the {split} split has no documents (empty corpus?)")
+    st["done"] = True
+    state["replaced"] = max(state.get("replaced", 0), ReplacementCounter.count)
+    write_json(out / STATE, state)
+    log(progress.line().replace(": ", f": {len(st['shards'])} shard(s), ", 1))
 
 
 def _check_same(previous: dict[str, Any], settings: dict[str, Any], out: Path) -> None:

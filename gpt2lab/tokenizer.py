@@ -416,7 +416,7 @@ def get_tokenizer(
     backend ("tiktoken" default, or "python") applies to BPE vocabularies; it overrides a spec's.
     """
     if isinstance(spec, dict):
-        return _from_spec(spec, backend)
+        return _from_spec(spec, backend, vocab_dir)
     name = str(spec)
     if name == "gpt2":
         return gpt2_tokenizer(vocab_dir, backend or "tiktoken")
@@ -439,13 +439,13 @@ def get_tokenizer(
     )
 
 
-def _from_spec(spec: dict[str, Any], backend: str | None) -> Tokenizer:
+def _from_spec(spec: dict[str, Any], backend: str | None, vocab_dir: str | Path | None = None) -> Tokenizer:
     kind = spec.get("kind")
     if spec.get("version") != SPEC_VERSION:
         raise UserError(f"tokenizer spec version {spec.get('version')!r}, this gpt2lab reads {SPEC_VERSION}")
     try:
         if kind == "gpt2":
-            return gpt2_tokenizer(None, backend or spec.get("backend", "tiktoken"))
+            return gpt2_tokenizer(vocab_dir, backend or spec.get("backend", "tiktoken"))
         if kind == "bytes":
             return ByteTokenizer(spec["special_tokens"])
         if kind == "char":

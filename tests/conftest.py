@@ -41,3 +41,21 @@ def randomized(model: GPT, seed: int = 0) -> GPT:
             else:
                 p.copy_((0.02 if p.dim() == 2 else 0.1) * noise)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiktoken_reference():
+    """tiktoken's GPT-2 Encoding built by tiktoken's own reader of ../shared/data/gpt2 (not our parser)."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    gpt2 = SHARED_DATA / "gpt2"
+    if not gpt2.is_dir():
+        pytest.skip(f"GPT-2 vocabulary files not found at {gpt2}")
+    ranks = data_gym_to_mergeable_bpe_ranks(str(gpt2 / "vocab.bpe"), str(gpt2 / "encoder.json"))
+    return tiktoken.Encoding(
+        "gpt2-reference",
+        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256},
+    )
