@@ -43,15 +43,11 @@ def randomized(model: GPT, seed: int = 0) -> GPT:
     return model.eval()
 
 
-@pytest.fixture(scope="session")
-def tiktoken_reference():
-    """tiktoken's GPT-2 Encoding built by tiktoken's own reader of ../shared/data/gpt2 (not our parser)."""
+def tiktoken_gpt2(gpt2: Path):
+    """tiktoken's GPT-2 Encoding, built by tiktoken's own reader of encoder.json + vocab.bpe (not ours)."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-    gpt2 = SHARED_DATA / "gpt2"
-    if not gpt2.is_dir():
-        pytest.skip(f"GPT-2 vocabulary files not found at {gpt2}")
     ranks = data_gym_to_mergeable_bpe_ranks(str(gpt2 / "vocab.bpe"), str(gpt2 / "encoder.json"))
     return tiktoken.Encoding(
         "gpt2-reference",
@@ -59,3 +55,12 @@ def tiktoken_reference():
         mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": 50256},
     )
+
+
+@pytest.fixture(scope="session")
+def tiktoken_reference():
+    """tiktoken_gpt2 on ../shared/data/gpt2."""
+    gpt2 = SHARED_DATA / "gpt2"
+    if not gpt2.is_dir():
+        pytest.skip(f"GPT-2 vocabulary files not found at {gpt2}")
+    return tiktoken_gpt2(gpt2)
