@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import heapq
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -237,23 +238,10 @@ class BPE:
 
     def save(self, out_dir: str | Path, name: str) -> Path:
         """Write encoder.json, vocab.bpe, vocab.tiktoken and gpt2lab_tokenizer.json into out_dir."""
-        from gpt2lab.checkpoint import atomic_write
-
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} exists and is not a directory")
-        out.mkdir(parents=True, exist_ok=True)
         encoder = {_to_gpt2_str(t): i for t, i in sorted(self.ranks.items(), key=lambda x: x[1])}
         encoder.update(self.special_tokens)
-        merges = self.merges()
-        bpe_lines = ["#version: 0.2"]
-        bpe_lines += [
-            f"{_to_gpt2_str(self._id_to_bytes[a])} {_to_gpt2_str(self._id_to_bytes[b])}" for a, b in merges
-        ]
-        tik_lines = [
-            f"{base64.b64encode(t).decode('ascii')} {i}"
-            for t, i in sorted(self.ranks.items(), key=lambda x: x[1])
-        ]
+        by_rank = sorted(self.ranks.items(), key=lambda x: x[1])
+        gpt2 = [_to_gpt2_str(t) for t in self._id_to_bytes]
         meta = {
             "kind": "bpe",
             "version": FORMAT_VERSION,
@@ -262,11 +250,17 @@ class BPE:
             "special_tokens": self.special_tokens,
             "vocab_size": self.vocab_size,
         }
-        atomic_write(out / ENCODER_JSON, lambda p: p.write_text(json.dumps(encoder, ensure_ascii=False)))
-        atomic_write(out / VOCAB_BPE, lambda p: p.write_text("\n".join(bpe_lines) + "\n", encoding="utf-8"))
-        atomic_write(out / TIKTOKEN_FILE, lambda p: p.write_text("\n".join(tik_lines) + "\n"))
-        atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-        return out
+        return write_tokenizer_dir(
+            out_dir,
+            {
+                ENCODER_JSON: json.dumps(encoder, ensure_ascii=False),
+                VOCAB_BPE: "".join(
+                    ["#version: 0.2\n", *(f"{gpt2[a]} {gpt2[b]}\n" for a, b in self.merges())]
+                ),
+                TIKTOKEN_FILE: "".join(f"{base64.b64encode(t).decode('ascii')} {i}\n" for t, i in by_rank),
+                META: json.dumps(meta, indent=2) + "\n",
+            },
+        )
 
     @classmethod
     def load(cls, directory: str | Path) -> tuple[BPE, dict[str, Any]]:
@@ -285,6 +279,39 @@ class BPE:
             bpe = load_gpt2_files(d / ENCODER_JSON, d / VOCAB_BPE, pattern)
             bpe = cls(bpe.ranks, specials, pattern)
         return bpe, meta
+
+
+def write_tokenizer_dir(out_dir: str | Path, files: dict[str, str]) -> Path:
+    """Write files (name -> UTF-8 text) as the directory out_dir, all or nothing.
+
+    They are written to a temporary sibling that then replaces out_dir, so a crash leaves the old
+    tokenizer or the new one. An existing out_dir is replaced only if it is a gpt2lab tokenizer
+    directory (or empty), never an unrelated folder.
+    """
+    import shutil
+    import tempfile
+
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"output {str(out)!r} exists and is not a directory")
+        if any(out.iterdir()) and not (out / META).is_file():
+            raise UserError(
+                f"output {str(out)!r} is a non-empty folder that is not a gpt2lab tokenizer; not replaced"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def resolve_allowed(allowed_special: AllowedSpecial, specials: dict[str, int]) -> set[str]:

@@ -19,6 +19,7 @@ tiktoken pins for them.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import zlib
 from abc import ABC, abstractmethod
@@ -40,6 +41,7 @@ from gpt2lab.bpe import (
     read_meta,
     resolve_allowed,
     split_specials,
+    write_tokenizer_dir,
 )
 from gpt2lab.errors import UserError
 
@@ -265,12 +267,7 @@ class CharTokenizer(Tokenizer):
         }
 
     def save(self, out_dir: str | Path) -> Path:
-        from gpt2lab.checkpoint import write_json
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / META, self.to_spec())
-        return out
+        return write_tokenizer_dir(out_dir, {META: json.dumps(self.to_spec(), indent=2) + "\n"})
 
 
 class ByteTokenizer(Tokenizer):
@@ -316,12 +313,7 @@ class ByteTokenizer(Tokenizer):
         return {"kind": "bytes", "version": SPEC_VERSION, "special_tokens": list(self.special_tokens)}
 
     def save(self, out_dir: str | Path) -> Path:
-        from gpt2lab.checkpoint import write_json
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / META, self.to_spec())
-        return out
+        return write_tokenizer_dir(out_dir, {META: json.dumps(self.to_spec(), indent=2) + "\n"})
 
 
 # --- GPT-2's vocabulary files

@@ -219,3 +219,18 @@ def test_package_reexport_is_lazy():
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip() == "257"
+
+
+def test_save_replaces_a_tokenizer_dir_but_never_an_unrelated_folder(tmp_path):
+    out = tmp_path / "tok"
+    bpe.train(["aa bb aa bb"], 258, progress=False).save(out, "first")
+    bpe.train(["cc dd cc"], 259, progress=False).save(out, "second")  # re-training into the same --out
+    tok = get_tokenizer(out)
+    assert (tok.name, tok.vocab_size) == ("second", 259)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no temporary folders left behind
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(UserError, match="not a gpt2lab tokenizer; not replaced"):
+        ByteTokenizer().save(other)
+    assert (other / "cat.jpg").read_bytes() == b"\xff\xd8"
