@@ -665,11 +665,11 @@ def train(
             for p in pairwise(word):
                 pair_counts[p] -= f
             for p in pairwise(merged):
-                if p in pair_counts:
-                    pair_counts[p] += f
-                else:
+                if p[0] == new or p[1] == new:  # a pair made by this merge: counted once, after the loop
                     new_pairs[p] = new_pairs.get(p, 0) + f
-                where.setdefault(p, set()).add(w)
+                    where.setdefault(p, set()).add(w)
+                else:  # it was in the old word, so it is counted and `where` has w already
+                    pair_counts[p] += f
             words[w] = merged
         pair_counts.pop(pair, None)
         for p, c in new_pairs.items():
