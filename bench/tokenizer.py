@@ -135,7 +135,7 @@ def main() -> None:
         print(f"| {name} | {py} | {size / tf:.1f} | {size / tr:.1f} | {tr / tf:.2f}x |")
 
     print(
-        "\n| train (same corpus, regex, vocab size, `<|endoftext|>`) | corpus MB | vocab asked "
+        "\n| train (same corpus, regex, vocab size, EOT special token) | corpus MB | vocab asked "
         "| ours: vocab, s | HF tokenizers: vocab, s | ours / HF time |"
     )
     print("|---|---:|---:|---:|---:|---:|")
