@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import heapq
 import json
+import operator
 import os
 import sys
 import time
@@ -196,8 +197,7 @@ class BPE:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes of the tokens (may end inside a UTF-8 character)."""
-        ids = list(ids)
-        check_ids(ids, self.vocab_size)
+        ids = id_list(ids, self.vocab_size)
         table = self._id_to_bytes
         return b"".join(table[i] for i in ids)
 
@@ -337,6 +337,20 @@ def split_specials(
         out.append(specials[m.group()])
         start = m.end()
     out.extend(encode(text[start:]))
+    return out
+
+
+def id_list(ids: Iterable[int], vocab_size: int) -> list[int]:
+    """Token ids (a list, tensor or array of integers) as Python ints, each checked against vocab_size."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+        ids = ids if isinstance(ids, list) else [ids]  # a 0-d tensor or array is one id
+    try:
+        out = [operator.index(i) for i in ids]
+    except TypeError:
+        bad = next(i for i in ids if not hasattr(i, "__index__"))
+        raise UserError(f"token ids must be integers, got {bad!r}") from None
+    check_ids(out, vocab_size)
     return out
 
 

@@ -33,7 +33,7 @@ from gpt2lab.bpe import (
     EOT,
     META,
     AllowedSpecial,
-    check_ids,
+    id_list,
     load_gpt2_files,
     parse_tiktoken_ranks,
     pattern_from_name,
@@ -162,8 +162,7 @@ class BPETokenizer(Tokenizer):
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         if self._enc is None:
             return self.bpe.decode_bytes(ids)
-        ids = list(ids)
-        check_ids(ids, self.vocab_size)
+        ids = id_list(ids, self.vocab_size)
         return self._enc.decode_bytes(ids)
 
     def to_spec(self) -> dict[str, Any]:
@@ -252,8 +251,7 @@ class CharTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8")
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = list(ids)
-        check_ids(ids, self.vocab_size)
+        ids = id_list(ids, self.vocab_size)
         itos = self._itos
         return "".join(itos[i] for i in ids)
 
@@ -304,8 +302,7 @@ class ByteTokenizer(Tokenizer):
         return split_specials(text, allowed, self.special_tokens, self._encode_bytes)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        ids = list(ids)
-        check_ids(ids, self.vocab_size)
+        ids = id_list(ids, self.vocab_size)
         table = self._id_to_bytes
         return b"".join(table[i] for i in ids)
 

@@ -234,3 +234,19 @@ def test_save_replaces_a_tokenizer_dir_but_never_an_unrelated_folder(tmp_path):
     with pytest.raises(UserError, match="not a gpt2lab tokenizer; not replaced"):
         ByteTokenizer().save(other)
     assert (other / "cat.jpg").read_bytes() == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("kind", ["bytes", "gpt2"])
+def test_decode_accepts_tensors_and_arrays_of_ints(kind):
+    import numpy as np
+    import torch
+
+    tok = get_tokenizer(kind, vocab_dir=need(GPT2_DIR)) if kind == "gpt2" else get_tokenizer(kind)
+    ids = tok.encode("Hello, world")
+    for form in (torch.tensor(ids), np.array(ids, dtype=np.uint16), tuple(ids)):
+        assert tok.decode(form) == "Hello, world"
+    assert tok.decode(torch.tensor(ids[0])) == tok.decode(ids[:1])
+    with pytest.raises(UserError, match="must be integers, got 1.5"):
+        tok.decode([1.5])
+    with pytest.raises(UserError, match="out of range"):
+        tok.decode(torch.tensor([tok.vocab_size]))
