@@ -107,6 +107,11 @@ def _clean(text: str) -> str:
 
 def _bpe(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
     """Ids of one pre-token: merge the lowest-ranked adjacent pair (leftmost first) until none is a token."""
+    return _bpe_heap(piece, ranks) if len(piece) > 64 else _bpe_scan(piece, ranks)
+
+
+def _bpe_scan(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """_bpe by rescanning all pairs after each merge: O(n^2), fastest for the short pieces of real text."""
     parts = [piece[i : i + 1] for i in range(len(piece))]
     while len(parts) > 1:
         best, best_i = None, -1
@@ -118,6 +123,39 @@ def _bpe(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
             break
         parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
     return [ranks[p] for p in parts]
+
+
+def _bpe_heap(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """_bpe in O(n log n) for long pieces (whitespace runs, long words): a heap of (rank, start) over a
+    linked list of parts, where _bpe's rescan of every pair per merge would be O(n^2)."""
+    n = len(piece)
+    parts: list[bytes] = [piece[i : i + 1] for i in range(n)]
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))  # nxt[i] == n: no right neighbour
+    heap = []
+    for i in range(n - 1):
+        rank = ranks.get(parts[i] + parts[i + 1])
+        if rank is not None:
+            heap.append((rank, i))
+    heapq.heapify(heap)
+    while heap:
+        rank, i = heapq.heappop(heap)
+        j = nxt[i]
+        # stale if i was merged away (parts[i] == b""), has no neighbour, or its pair changed
+        if not parts[i] or j >= n or ranks.get(parts[i] + parts[j]) != rank:
+            continue
+        parts[i] += parts[j]
+        parts[j] = b""
+        nxt[i] = nxt[j]
+        if nxt[i] < n:
+            prv[nxt[i]] = i
+            r = ranks.get(parts[i] + parts[nxt[i]])
+            if r is not None:
+                heapq.heappush(heap, (r, i))
+        if prv[i] >= 0:
+            r = ranks.get(parts[prv[i]] + parts[i])
+            if r is not None:
+                heapq.heappush(heap, (r, prv[i]))
+    return [ranks[p] for p in parts if p]
 
 
 class BPE:
