@@ -484,7 +484,7 @@ def stats(tok: Tokenizer, path: str | Path, top: int = 20) -> str:
         f"distinct ids   {len(set(ids)):,}",
     ]
     if isinstance(tok, BPETokenizer) and top > 0:
-        lines.append(f"first {top} merges (rank: left + right):")
+        lines.append(f"first {top} merges (id: left + right):")
         for k, (a, b) in enumerate(tok.merges()[:top]):
             lines.append(f"  {256 + k:>6}: {a!r} + {b!r}")
     return "\n".join(lines)
@@ -517,7 +517,8 @@ def train_tokenizer(
     tok = BPETokenizer(bpe, name or out.resolve().name, backend="python")
     tok.save(out)
     n_merges = bpe.vocab_size - 256 - len(specials)
+    short = f" (asked {vocab_size}: no pairs left to merge)" if bpe.vocab_size < vocab_size else ""
     return (
-        f"wrote {out}: vocab_size {bpe.vocab_size} = 256 bytes + {n_merges} merges + {len(specials)} special "
-        f"{specials} in {seconds:.1f}s; load it with get_tokenizer({str(out)!r})"
+        f"wrote {out}: vocab_size {bpe.vocab_size}{short} = 256 bytes + {n_merges} merges + {len(specials)} "
+        f"special {specials} in {seconds:.1f}s; load it with get_tokenizer({str(out)!r})"
     )
