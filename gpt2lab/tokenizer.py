@@ -402,6 +402,8 @@ def get_tokenizer(
 ) -> Tokenizer:
     """A tokenizer from a name ("gpt2", "bytes", "char" with corpus=PATH), a directory, or a to_spec() dict.
 
+    A directory is one `save` or `gpt2lab tokenizer train` wrote, or bare encoder.json + vocab.bpe.
+
     backend ("tiktoken" default, or "python") applies to BPE vocabularies; it overrides a spec's.
     """
     if isinstance(spec, dict):
@@ -416,6 +418,13 @@ def get_tokenizer(
             raise UserError("the char tokenizer needs corpus=PATH (--corpus), or a directory it was saved to")
         return CharTokenizer.from_corpus(corpus)
     d = Path(name).expanduser()
+    if d.is_dir() and not (d / META).exists() and _gpt2_pair(d):
+        # bare GPT-2-format files (OpenAI's or Hugging Face's names): GPT-2 itself, or another vocabulary
+        encoder, merges = _gpt2_pair(d)
+        bpe = load_gpt2_files(encoder, merges)
+        if bpe.vocab_size == GPT2_VOCAB_SIZE and bpe.special_tokens == {EOT: GPT2_EOT_ID}:
+            return gpt2_tokenizer(d, backend or "tiktoken")
+        return BPETokenizer(bpe, d.resolve().name, backend or "tiktoken")
     if d.is_dir():
         meta = read_meta(d)
         if meta.get("kind") == "bpe":

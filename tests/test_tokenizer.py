@@ -156,6 +156,18 @@ def test_gpt2_offline_without_files_says_how_to_provide_them(cache, monkeypatch)
     assert str(cache / "gpt2") in str(e.value)
 
 
+def test_bare_gpt2_format_directories_load(tmp_path):
+    tok = get_tokenizer(need(GPT2_DIR))
+    assert (tok.name, tok.eot_id, tok.encode("Hello world")) == ("gpt2", 50256, [15496, 995])
+    small = bpe.train(["hello world hello"], 262, progress=False)
+    small.save(tmp_path / "small", "small")
+    (tmp_path / "small" / "gpt2lab_tokenizer.json").unlink()
+    (tmp_path / "small" / "vocab.tiktoken").unlink()
+    bare = get_tokenizer(tmp_path / "small")
+    assert (bare.name, bare.vocab_size, bare.eot_id) == ("small", 262, 261)
+    assert bare.encode("hello world") == small.encode("hello world")
+
+
 def test_bad_vocab_dirs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no encoder.json"):
         get_tokenizer("gpt2", vocab_dir=tmp_path)
