@@ -19,6 +19,8 @@ from __future__ import annotations
 import base64
 import heapq
 import json
+import operator
+import os
 import sys
 import time
 from collections import Counter
@@ -105,6 +107,11 @@ def _clean(text: str) -> str:
 
 def _bpe(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
     """Ids of one pre-token: merge the lowest-ranked adjacent pair (leftmost first) until none is a token."""
+    return _bpe_heap(piece, ranks) if len(piece) > 64 else _bpe_scan(piece, ranks)
+
+
+def _bpe_scan(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """_bpe by rescanning all pairs after each merge: O(n^2), fastest for the short pieces of real text."""
     parts = [piece[i : i + 1] for i in range(len(piece))]
     while len(parts) > 1:
         best, best_i = None, -1
@@ -116,6 +123,39 @@ def _bpe(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
             break
         parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
     return [ranks[p] for p in parts]
+
+
+def _bpe_heap(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """_bpe in O(n log n) for long pieces (whitespace runs, long words): a heap of (rank, start) over a
+    linked list of parts, where _bpe's rescan of every pair per merge would be O(n^2)."""
+    n = len(piece)
+    parts: list[bytes] = [piece[i : i + 1] for i in range(n)]
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))  # nxt[i] == n: no right neighbour
+    heap = []
+    for i in range(n - 1):
+        rank = ranks.get(parts[i] + parts[i + 1])
+        if rank is not None:
+            heap.append((rank, i))
+    heapq.heapify(heap)
+    while heap:
+        rank, i = heapq.heappop(heap)
+        j = nxt[i]
+        # stale if i was merged away (parts[i] == b""), has no neighbour, or its pair changed
+        if not parts[i] or j >= n or ranks.get(parts[i] + parts[j]) != rank:
+            continue
+        parts[i] += parts[j]
+        parts[j] = b""
+        nxt[i] = nxt[j]
+        if nxt[i] < n:
+            prv[nxt[i]] = i
+            r = ranks.get(parts[i] + parts[nxt[i]])
+            if r is not None:
+                heapq.heappush(heap, (r, i))
+        if prv[i] >= 0:
+            r = ranks.get(parts[prv[i]] + parts[i])
+            if r is not None:
+                heapq.heappush(heap, (r, prv[i]))
+    return [ranks[p] for p in parts if p]
 
 
 class BPE:
@@ -195,8 +235,7 @@ class BPE:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes of the tokens (may end inside a UTF-8 character)."""
-        ids = list(ids)
-        check_ids(ids, self.vocab_size)
+        ids = id_list(ids, self.vocab_size)
         table = self._id_to_bytes
         return b"".join(table[i] for i in ids)
 
@@ -237,23 +276,10 @@ class BPE:
 
     def save(self, out_dir: str | Path, name: str) -> Path:
         """Write encoder.json, vocab.bpe, vocab.tiktoken and gpt2lab_tokenizer.json into out_dir."""
-        from gpt2lab.checkpoint import atomic_write
-
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} exists and is not a directory")
-        out.mkdir(parents=True, exist_ok=True)
         encoder = {_to_gpt2_str(t): i for t, i in sorted(self.ranks.items(), key=lambda x: x[1])}
         encoder.update(self.special_tokens)
-        merges = self.merges()
-        bpe_lines = ["#version: 0.2"]
-        bpe_lines += [
-            f"{_to_gpt2_str(self._id_to_bytes[a])} {_to_gpt2_str(self._id_to_bytes[b])}" for a, b in merges
-        ]
-        tik_lines = [
-            f"{base64.b64encode(t).decode('ascii')} {i}"
-            for t, i in sorted(self.ranks.items(), key=lambda x: x[1])
-        ]
+        by_rank = sorted(self.ranks.items(), key=lambda x: x[1])
+        gpt2 = [_to_gpt2_str(t) for t in self._id_to_bytes]
         meta = {
             "kind": "bpe",
             "version": FORMAT_VERSION,
@@ -262,11 +288,17 @@ class BPE:
             "special_tokens": self.special_tokens,
             "vocab_size": self.vocab_size,
         }
-        atomic_write(out / ENCODER_JSON, lambda p: p.write_text(json.dumps(encoder, ensure_ascii=False)))
-        atomic_write(out / VOCAB_BPE, lambda p: p.write_text("\n".join(bpe_lines) + "\n", encoding="utf-8"))
-        atomic_write(out / TIKTOKEN_FILE, lambda p: p.write_text("\n".join(tik_lines) + "\n"))
-        atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-        return out
+        return write_tokenizer_dir(
+            out_dir,
+            {
+                ENCODER_JSON: json.dumps(encoder, ensure_ascii=False),
+                VOCAB_BPE: "".join(
+                    ["#version: 0.2\n", *(f"{gpt2[a]} {gpt2[b]}\n" for a, b in self.merges())]
+                ),
+                TIKTOKEN_FILE: "".join(f"{base64.b64encode(t).decode('ascii')} {i}\n" for t, i in by_rank),
+                META: json.dumps(meta, indent=2) + "\n",
+            },
+        )
 
     @classmethod
     def load(cls, directory: str | Path) -> tuple[BPE, dict[str, Any]]:
@@ -285,6 +317,39 @@ class BPE:
             bpe = load_gpt2_files(d / ENCODER_JSON, d / VOCAB_BPE, pattern)
             bpe = cls(bpe.ranks, specials, pattern)
         return bpe, meta
+
+
+def write_tokenizer_dir(out_dir: str | Path, files: dict[str, str]) -> Path:
+    """Write files (name -> UTF-8 text) as the directory out_dir, all or nothing.
+
+    They are written to a temporary sibling that then replaces out_dir, so a crash leaves the old
+    tokenizer or the new one. An existing out_dir is replaced only if it is a gpt2lab tokenizer
+    directory (or empty), never an unrelated folder.
+    """
+    import shutil
+    import tempfile
+
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"output {str(out)!r} exists and is not a directory")
+        if any(out.iterdir()) and not (out / META).is_file():
+            raise UserError(
+                f"output {str(out)!r} is a non-empty folder that is not a gpt2lab tokenizer; not replaced"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def resolve_allowed(allowed_special: AllowedSpecial, specials: dict[str, int]) -> set[str]:
@@ -310,6 +375,20 @@ def split_specials(
         out.append(specials[m.group()])
         start = m.end()
     out.extend(encode(text[start:]))
+    return out
+
+
+def id_list(ids: Iterable[int], vocab_size: int) -> list[int]:
+    """Token ids (a list, tensor or array of integers) as Python ints, each checked against vocab_size."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+        ids = ids if isinstance(ids, list) else [ids]  # a 0-d tensor or array is one id
+    try:
+        out = [operator.index(i) for i in ids]
+    except TypeError:
+        bad = next(i for i in ids if not hasattr(i, "__index__"))
+        raise UserError(f"token ids must be integers, got {bad!r}") from None
+    check_ids(out, vocab_size)
     return out
 
 
@@ -638,11 +717,11 @@ def train(
             for p in pairwise(word):
                 pair_counts[p] -= f
             for p in pairwise(merged):
-                if p in pair_counts:
-                    pair_counts[p] += f
-                else:
+                if p[0] == new or p[1] == new:  # a pair made by this merge: counted once, after the loop
                     new_pairs[p] = new_pairs.get(p, 0) + f
-                where.setdefault(p, set()).add(w)
+                    where.setdefault(p, set()).add(w)
+                else:  # it was in the old word, so it is counted and `where` has w already
+                    pair_counts[p] += f
             words[w] = merged
         pair_counts.pop(pair, None)
         for p, c in new_pairs.items():

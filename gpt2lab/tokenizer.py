@@ -19,6 +19,7 @@ tiktoken pins for them.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import zlib
 from abc import ABC, abstractmethod
@@ -32,7 +33,7 @@ from gpt2lab.bpe import (
     EOT,
     META,
     AllowedSpecial,
-    check_ids,
+    id_list,
     load_gpt2_files,
     parse_tiktoken_ranks,
     pattern_from_name,
@@ -40,6 +41,7 @@ from gpt2lab.bpe import (
     read_meta,
     resolve_allowed,
     split_specials,
+    write_tokenizer_dir,
 )
 from gpt2lab.errors import UserError
 
@@ -160,8 +162,7 @@ class BPETokenizer(Tokenizer):
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         if self._enc is None:
             return self.bpe.decode_bytes(ids)
-        ids = list(ids)
-        check_ids(ids, self.vocab_size)
+        ids = id_list(ids, self.vocab_size)
         return self._enc.decode_bytes(ids)
 
     def to_spec(self) -> dict[str, Any]:
@@ -250,8 +251,7 @@ class CharTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8")
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = list(ids)
-        check_ids(ids, self.vocab_size)
+        ids = id_list(ids, self.vocab_size)
         itos = self._itos
         return "".join(itos[i] for i in ids)
 
@@ -265,12 +265,7 @@ class CharTokenizer(Tokenizer):
         }
 
     def save(self, out_dir: str | Path) -> Path:
-        from gpt2lab.checkpoint import write_json
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / META, self.to_spec())
-        return out
+        return write_tokenizer_dir(out_dir, {META: json.dumps(self.to_spec(), indent=2) + "\n"})
 
 
 class ByteTokenizer(Tokenizer):
@@ -307,8 +302,7 @@ class ByteTokenizer(Tokenizer):
         return split_specials(text, allowed, self.special_tokens, self._encode_bytes)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        ids = list(ids)
-        check_ids(ids, self.vocab_size)
+        ids = id_list(ids, self.vocab_size)
         table = self._id_to_bytes
         return b"".join(table[i] for i in ids)
 
@@ -316,12 +310,7 @@ class ByteTokenizer(Tokenizer):
         return {"kind": "bytes", "version": SPEC_VERSION, "special_tokens": list(self.special_tokens)}
 
     def save(self, out_dir: str | Path) -> Path:
-        from gpt2lab.checkpoint import write_json
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / META, self.to_spec())
-        return out
+        return write_tokenizer_dir(out_dir, {META: json.dumps(self.to_spec(), indent=2) + "\n"})
 
 
 # --- GPT-2's vocabulary files
@@ -413,6 +402,8 @@ def get_tokenizer(
 ) -> Tokenizer:
     """A tokenizer from a name ("gpt2", "bytes", "char" with corpus=PATH), a directory, or a to_spec() dict.
 
+    A directory is one `save` or `gpt2lab tokenizer train` wrote, or bare encoder.json + vocab.bpe.
+
     backend ("tiktoken" default, or "python") applies to BPE vocabularies; it overrides a spec's.
     """
     if isinstance(spec, dict):
@@ -427,6 +418,13 @@ def get_tokenizer(
             raise UserError("the char tokenizer needs corpus=PATH (--corpus), or a directory it was saved to")
         return CharTokenizer.from_corpus(corpus)
     d = Path(name).expanduser()
+    if d.is_dir() and not (d / META).exists() and _gpt2_pair(d):
+        # bare GPT-2-format files (OpenAI's or Hugging Face's names): GPT-2 itself, or another vocabulary
+        encoder, merges = _gpt2_pair(d)
+        bpe = load_gpt2_files(encoder, merges)
+        if bpe.vocab_size == GPT2_VOCAB_SIZE and bpe.special_tokens == {EOT: GPT2_EOT_ID}:
+            return gpt2_tokenizer(d, backend or "tiktoken")
+        return BPETokenizer(bpe, d.resolve().name, backend or "tiktoken")
     if d.is_dir():
         meta = read_meta(d)
         if meta.get("kind") == "bpe":
@@ -495,7 +493,7 @@ def stats(tok: Tokenizer, path: str | Path, top: int = 20) -> str:
         f"distinct ids   {len(set(ids)):,}",
     ]
     if isinstance(tok, BPETokenizer) and top > 0:
-        lines.append(f"first {top} merges (rank: left + right):")
+        lines.append(f"first {top} merges (id: left + right):")
         for k, (a, b) in enumerate(tok.merges()[:top]):
             lines.append(f"  {256 + k:>6}: {a!r} + {b!r}")
     return "\n".join(lines)
@@ -528,7 +526,8 @@ def train_tokenizer(
     tok = BPETokenizer(bpe, name or out.resolve().name, backend="python")
     tok.save(out)
     n_merges = bpe.vocab_size - 256 - len(specials)
+    short = f" (asked {vocab_size}: no pairs left to merge)" if bpe.vocab_size < vocab_size else ""
     return (
-        f"wrote {out}: vocab_size {bpe.vocab_size} = 256 bytes + {n_merges} merges + {len(specials)} special "
-        f"{specials} in {seconds:.1f}s; load it with get_tokenizer({str(out)!r})"
+        f"wrote {out}: vocab_size {bpe.vocab_size}{short} = 256 bytes + {n_merges} merges + {len(specials)} "
+        f"special {specials} in {seconds:.1f}s; load it with get_tokenizer({str(out)!r})"
     )

@@ -138,6 +138,21 @@ def test_property_decode_is_lossless_on_bytes(gpt2, data):
     assert b"".join(gpt2.decode_bytes([i]) for i in ids) == text.encode("utf-8")
 
 
+@SETTINGS
+@given(data=st.binary(min_size=2, max_size=200) | st.text(alphabet="ab =\n", max_size=200).map(str.encode))
+def test_property_long_piece_merging_equals_the_rescan(gpt2, data):
+    assert bpe._bpe_heap(data, gpt2.ranks) == bpe._bpe_scan(data, gpt2.ranks)
+
+
+def test_very_long_pieces_match_tiktoken_quickly(gpt2, tiktoken_gpt2):
+    import time
+
+    t0 = time.perf_counter()
+    for text in (" " * 50_000, "ab" * 20_000, "=-" * 20_000, "\n" * 30_000 + "x", "é" * 20_000):
+        assert gpt2.encode(text) == tiktoken_gpt2.encode(text)
+    assert time.perf_counter() - t0 < 20  # the O(n^2) rescan would be quadratic in these lengths
+
+
 def test_partial_utf8_is_replaced_only_at_the_string_boundary(gpt2):
     ids = gpt2.encode("🎉")
     assert len(ids) > 1  # GPT-2 splits this emoji's 4 bytes over several tokens

@@ -156,6 +156,18 @@ def test_gpt2_offline_without_files_says_how_to_provide_them(cache, monkeypatch)
     assert str(cache / "gpt2") in str(e.value)
 
 
+def test_bare_gpt2_format_directories_load(tmp_path):
+    tok = get_tokenizer(need(GPT2_DIR))
+    assert (tok.name, tok.eot_id, tok.encode("Hello world")) == ("gpt2", 50256, [15496, 995])
+    small = bpe.train(["hello world hello"], 262, progress=False)
+    small.save(tmp_path / "small", "small")
+    (tmp_path / "small" / "gpt2lab_tokenizer.json").unlink()
+    (tmp_path / "small" / "vocab.tiktoken").unlink()
+    bare = get_tokenizer(tmp_path / "small")
+    assert (bare.name, bare.vocab_size, bare.eot_id) == ("small", 262, 261)
+    assert bare.encode("hello world") == small.encode("hello world")
+
+
 def test_bad_vocab_dirs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no encoder.json"):
         get_tokenizer("gpt2", vocab_dir=tmp_path)
@@ -219,3 +231,34 @@ def test_package_reexport_is_lazy():
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip() == "257"
+
+
+def test_save_replaces_a_tokenizer_dir_but_never_an_unrelated_folder(tmp_path):
+    out = tmp_path / "tok"
+    bpe.train(["aa bb aa bb"], 258, progress=False).save(out, "first")
+    bpe.train(["cc dd cc"], 259, progress=False).save(out, "second")  # re-training into the same --out
+    tok = get_tokenizer(out)
+    assert (tok.name, tok.vocab_size) == ("second", 259)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no temporary folders left behind
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(UserError, match="not a gpt2lab tokenizer; not replaced"):
+        ByteTokenizer().save(other)
+    assert (other / "cat.jpg").read_bytes() == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("kind", ["bytes", "gpt2"])
+def test_decode_accepts_tensors_and_arrays_of_ints(kind):
+    import numpy as np
+    import torch
+
+    tok = get_tokenizer(kind, vocab_dir=need(GPT2_DIR)) if kind == "gpt2" else get_tokenizer(kind)
+    ids = tok.encode("Hello, world")
+    for form in (torch.tensor(ids), np.array(ids, dtype=np.uint16), tuple(ids)):
+        assert tok.decode(form) == "Hello, world"
+    assert tok.decode(torch.tensor(ids[0])) == tok.decode(ids[:1])
+    with pytest.raises(UserError, match="must be integers, got 1.5"):
+        tok.decode([1.5])
+    with pytest.raises(UserError, match="out of range"):
+        tok.decode(torch.tensor([tok.vocab_size]))
