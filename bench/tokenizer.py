@@ -148,9 +148,7 @@ def main() -> None:
     ):
         size = sum(f.stat().st_size for f in files) / 1e6
         t0 = time.perf_counter()
-        ours = bpe.train(
-            [f.read_text(encoding="utf-8") for f in files], vocab, [EOT], progress=False, allow_smaller=True
-        )
+        ours = bpe.train([f.read_text(encoding="utf-8") for f in files], vocab, [EOT], progress=False)
         t_ours = time.perf_counter() - t0
         t0 = time.perf_counter()
         hf = hf_train(files, vocab)

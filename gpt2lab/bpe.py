@@ -629,7 +629,6 @@ def train(
     special_tokens: Iterable[str] = (EOT,),
     pattern: str = GPT2_PATTERN,
     progress: bool = True,
-    allow_smaller: bool = False,
 ) -> BPE:
     """Learn vocab_size - 256 - len(special_tokens) merges from a corpus (file, folder or iterable of str).
 
@@ -642,9 +641,10 @@ def train(
     smaller (left id, right id) wins, i.e. the pair of earlier-learned tokens (bytes by value).
     Ids: 0..255 are the bytes, 256.. the merges in order, then the special tokens in the order given.
 
-    A corpus runs out of pairs once every distinct pre-token is a single token; then the requested
-    vocab_size cannot be reached: a UserError saying how many tokens the corpus supports, or, with
-    allow_smaller, a smaller vocabulary (as Hugging Face tokenizers does silently).
+    A corpus runs out of pairs once every distinct pre-token is a single token. Then the vocabulary
+    stays smaller than asked, with a one-line warning on stderr saying how many tokens the corpus
+    supports (Hugging Face tokenizers stops there silently); a corpus with fewer bytes than the
+    requested vocabulary is a UserError, since it cannot be what the user meant.
     """
     specials = list(dict.fromkeys(special_tokens))
     for s in specials:
@@ -680,13 +680,19 @@ def train(
     while merges < n_merges:
         if not heap:
             bar.close()
-            if allow_smaller:
-                break
-            raise UserError(
-                f"corpus too small for vocab_size {vocab_size}: it has only enough distinct byte pairs for "
-                f"{256 + merges + len(specials)} tokens ({merges} merges); use a larger corpus, a smaller "
-                f"vocab size, or allow a smaller vocabulary (--allow-smaller-vocab)"
+            supported = 256 + merges + len(specials)
+            corpus_bytes = sum(len(piece) * c for piece, c in counts.items())
+            if corpus_bytes < vocab_size:
+                raise UserError(
+                    f"corpus too small for vocab_size {vocab_size}: {corpus_bytes} bytes of text, enough for "
+                    f"{supported} tokens; use a larger corpus or a smaller vocab size"
+                )
+            print(
+                f"warning: the corpus supports only {supported} tokens (every distinct pre-token is a single "
+                f"token after {merges} merges); the vocabulary has {supported}, not {vocab_size}",
+                file=sys.stderr,
             )
+            break
         neg, a, b = heapq.heappop(heap)
         pair = (a, b)
         current = pair_counts.get(pair, 0)

@@ -89,7 +89,6 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
                 args.out,
                 args.special,
                 name=args.name,
-                allow_smaller=args.allow_smaller_vocab,
                 progress=not args.quiet,
             )
         )
@@ -171,11 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--special", nargs="*", default=[], metavar="TOKEN", help="special tokens besides <|endoftext|>"
     )
     t.add_argument("--name", default=None, help="tokenizer name (default: the --out folder name)")
-    t.add_argument(
-        "--allow-smaller-vocab",
-        action="store_true",
-        help="if the corpus runs out of pairs, keep the smaller vocabulary instead of failing",
-    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     for action, help_ in (
         ("encode", "text -> token ids"),

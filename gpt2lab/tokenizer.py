@@ -505,7 +505,6 @@ def train_tokenizer(
     out_dir: str | Path,
     special_tokens: Sequence[str] = (),
     name: str | None = None,
-    allow_smaller: bool = False,
     progress: bool = True,
 ) -> str:
     """Train a BPE on files/folders, save it to out_dir (loadable by get_tokenizer(out_dir)); a summary."""
@@ -520,7 +519,7 @@ def train_tokenizer(
             raise UserError(f"--input {str(p)!r} does not exist")
     corpus = itertools.chain.from_iterable(iter_corpus(p) for p in inputs)
     t0 = time.perf_counter()
-    bpe = train(corpus, vocab_size, specials, progress=progress, allow_smaller=allow_smaller)
+    bpe = train(corpus, vocab_size, specials, progress=progress)
     seconds = time.perf_counter() - t0
     out = Path(out_dir)
     tok = BPETokenizer(bpe, name or out.resolve().name, backend="python")

@@ -223,19 +223,22 @@ def test_tie_breaking_prefers_smaller_ids():
 
 
 def test_training_never_merges_across_special_tokens():
-    tok = bpe.train([f"ab{EOT}ab{EOT}ab"], 256 + 50 + 1, progress=False, allow_smaller=True)
+    tok = bpe.train([f"ab{EOT}ab{EOT}ab"] * 200, 256 + 50 + 1, progress=False)
     learned = {tok.token_bytes(i) for i in range(256, tok.vocab_size - 1)}
     assert learned == {b"ab"}  # "<|endoftext|>" is cut out before counting, so nothing of it is learned
     assert tok.encode(f"ab{EOT}", allowed_special="all") == [256, tok.special_tokens[EOT]]
 
 
-def test_corpus_too_small_for_vocab_is_a_user_error():
-    with pytest.raises(UserError, match="corpus too small for vocab_size 1000"):
+def test_corpus_too_small_for_vocab_is_a_user_error(capsys):
+    with pytest.raises(UserError, match="corpus too small for vocab_size 1000: 11 bytes of text"):
         bpe.train(["hello world"], 1000, progress=False)
     with pytest.raises(UserError, match="vocab_size 100"):
         bpe.train(["hello world"], 100, progress=False)
-    small = bpe.train(["hello world"], 1000, progress=False, allow_smaller=True)
+    # A real corpus that runs out of pairs keeps the smaller vocabulary, and says so in one line.
+    small = bpe.train(["hello world " * 100], 1000, progress=False)
     assert small.encode("hello world") == [small.ranks[b"hello"], small.ranks[b" world"]]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the corpus supports only {small.vocab_size} tokens" in err
 
 
 def test_file_blocks_and_folders_give_the_same_counts(tmp_path):
@@ -323,7 +326,7 @@ def test_compression_within_2_percent_of_hf_tokenizers(vocab_size):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     need(TINYSTORIES)
-    ours = bpe.train(TINYSTORIES, vocab_size, [EOT], progress=False, allow_smaller=True)
+    ours = bpe.train(TINYSTORIES, vocab_size, [EOT], progress=False)
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
