@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from gpt2lab.errors import UserError
@@ -165,3 +167,128 @@ class PrepareConfig:
             self.separator = sep.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
             if not self.separator:
                 raise UserError("separator must not be empty")
+
+
+@dataclass
+class TrainConfig:
+    """`gpt2lab train`: everything about a run except the architecture (GPTConfig, under `model`).
+
+    Batch geometry: each process runs micro-batches of batch_size x seq_len tokens; an optimizer
+    step sums grad_accum = total_batch_size / (batch_size * seq_len * world_size) of them.
+    """
+
+    data: str = ""  # a prepared data directory (gpt2lab prepare)
+    out_dir: str = "out"  # checkpoints, metrics.jsonl, loss.png
+    preset: str = "gpt2"  # the model preset; fields in `model` override it
+    init_from: str = "scratch"  # "scratch", or a Hugging Face GPT-2 directory / name to start from
+    seed: int = 1337
+    max_steps: int = 5000
+    batch_size: int = 12  # micro-batch per process
+    seq_len: int | None = None  # default: the model's block_size
+    total_batch_size: int | None = None  # tokens per optimizer step; default: one micro-batch per process
+    learning_rate: float = 6e-4
+    min_lr: float | None = None  # default: learning_rate / 10
+    lr_schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    warmup_steps: int = 0
+    lr_decay_steps: int | None = None  # cosine reaches min_lr here; default max_steps
+    wsd_decay_fraction: float = 0.2  # warmup-stable-decay: the last fraction of steps decays linearly
+    weight_decay: float = 0.1  # on 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
+    loader_mode: Literal["random", "sequential"] = "random"
+    pad_vocab_multiple: int = 64  # the model's vocab_size = data vocab rounded up to this (1: no padding)
+    eval_interval: int = 250  # steps between val-loss evaluations (0: only at the end)
+    eval_tokens: int = 204_800  # val tokens per evaluation (0: the whole split)
+    hellaswag_interval: int = 0  # steps between HellaSwag evaluations (0: never)
+    hellaswag_limit: int = 0  # examples per HellaSwag evaluation (0: all)
+    hellaswag_data: str | None = None  # HellaSwag jsonl (default: downloaded into the cache)
+    sample_interval: int = 0  # steps between printed samples (0: only at the end when > 0 tokens)
+    sample_tokens: int = 0  # tokens per sample
+    sample_prompt: str = ""
+    log_interval: int = 10
+    checkpoint_interval: int = 1000  # steps between checkpoints (always one at the end)
+    keep_last: int = 2  # step checkpoints kept, besides the best one
+    early_stopping_patience: int = 0  # stop after this many evals without a better val loss (0: off)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the batch
+    max_skips: int = 3  # with on_nonfinite = "skip": stop after this many skipped batches
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast dtype; auto: bf16 on CUDA
+    compile: bool = False  # torch.compile the model (CUDA)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2 instead of DDP
+    peak_flops: float | None = None  # hardware peak FLOP/s for MFU; default: known GPUs' bf16 peak
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "gpt2lab"
+    resume: str | None = None  # "latest" (the newest checkpoint in out_dir) or a checkpoint directory
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # GPTConfig field overrides
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "log_interval", "checkpoint_interval", "pad_vocab_multiple"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        counts = ("warmup_steps", "eval_interval", "eval_tokens", "keep_last", "early_stopping_patience")
+        counts += ("hellaswag_interval", "hellaswag_limit", "sample_interval", "sample_tokens", "max_skips")
+        for name in counts:
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or (self.min_lr is not None and self.min_lr < 0):
+            raise UserError(
+                f"learning_rate must be > 0 and min_lr >= 0, got {self.learning_rate}, {self.min_lr}"
+            )
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise UserError(
+                f"grad_clip and weight_decay must be >= 0, got {self.grad_clip}, {self.weight_decay}"
+            )
+        if not 0 <= self.wsd_decay_fraction <= 1:
+            raise UserError(f"wsd_decay_fraction must be in [0, 1], got {self.wsd_decay_fraction}")
+        for name, allowed in (
+            ("lr_schedule", ("cosine", "constant", "wsd")),
+            ("loader_mode", ("random", "sequential")),
+            ("on_nonfinite", ("stop", "skip")),
+            ("dtype", ("auto", "float32", "bfloat16", "float16")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        GPTConfig.preset(self.preset, **self.model)  # fails early, naming a bad preset or model field
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A recipe's fields: recipes/NAME.toml or a .toml path, tables [train] and [model], checked by name."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+            raise UserError(f"unknown recipe {name_or_path!r}{closest(name_or_path, known)}; known: {known}")
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"recipe file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"recipe {path} is not valid TOML: {e}") from None
+    for key in table:
+        if key not in ("train", "model"):
+            raise UserError(f"recipe {path}: unknown table [{key}]; a recipe has [train] and [model]")
+    train, model = dict(table.get("train", {})), dict(table.get("model", {}))
+    known_train = [f.name for f in fields(TrainConfig) if f.name != "model"]
+    for key in train:
+        if key not in known_train:
+            raise UserError(f"recipe {path}: unknown [train] key {key!r}{closest(key, known_train)}")
+    known_model = [f.name for f in fields(GPTConfig)]
+    for key in model:
+        if key not in known_model:
+            raise UserError(f"recipe {path}: unknown [model] key {key!r}{closest(key, known_model)}")
+    return {**train, "model": model}
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # recipes/ in the repository

@@ -3,13 +3,18 @@
 A window is T + 1 consecutive tokens of one shard; x is its first T tokens and y the last T
 (y = x shifted by one). Two modes:
 
-- "random": every batch takes B windows at uniformly random offsets, as nanoGPT and the seed
-  runs did. The offsets of batch k on rank r come from a generator seeded with (seed, r, k), so
-  the stream is a pure function of the step: resuming needs only the step counter.
+Streams: an optimizer step of world_size processes with grad_accum micro-batches each reads
+world_size * grad_accum micro-batches. Micro-batch m of rank r is stream v = m * world_size + r,
+so one process accumulating 2 micro-batches reads exactly what 2 processes read with 1 each:
+the data, and so the losses, do not depend on how a global batch is split across processes.
+
+- "random": every micro-batch takes B windows at uniformly random offsets, as nanoGPT and the
+  seed runs did. The offsets of stream v at step k come from a generator seeded with
+  (seed, v, k): the data is a pure function of the position, and resuming needs only (step, micro).
 - "sequential": the split is cut into non-overlapping windows (stride T); each epoch visits all
-  of them once, in an order shuffled by (seed, epoch). The epochs form one stream of windows and
-  global batch k takes its next world_size * B of them, rank r the r-th block of B: the ranks
-  read disjoint windows, and every window is seen exactly once per epoch.
+  of them once, in an order shuffled by (seed, epoch). The epochs form one stream of windows, and
+  step k hands stream v the (k * streams + v)-th block of B: the ranks read disjoint windows, and
+  every window is seen exactly once per epoch.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class ShardLoader:
         mode: Literal["random", "sequential"] = "random",
         seed: int = 1337,
         device: str | torch.device = "cpu",
+        grad_accum: int = 1,
     ):
         if mode not in ("random", "sequential"):
             raise UserError(f"loader mode must be 'random' or 'sequential', got {mode!r}")
@@ -48,6 +54,7 @@ class ShardLoader:
         if split not in splits:
             raise UserError(f"{data_dir} has no {split!r} split; it has {sorted(splits)}")
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.grad_accum, self.streams = grad_accum, world_size * grad_accum
         self.mode, self.seed, self.device = mode, seed, torch.device(device)
         shards = [read_shard(Path(data_dir) / name) for name in splits[split]["shards"]]
         self.shards = [s for s in shards if len(s) >= seq_len + 1]  # a shard shorter than a window is unused
@@ -64,21 +71,21 @@ class ShardLoader:
             counts = [(len(s) - 1) // seq_len for s in self.shards]
             self.window_starts = np.cumsum([0, *counts])  # window w lives in shard searchsorted(w)
             self.n_windows = int(self.window_starts[-1])
-            if self.n_windows < batch_size * world_size:
+            if self.n_windows < batch_size * self.streams:
                 raise UserError(
                     f"the {split} split has {self.n_windows} windows of {seq_len + 1} tokens, fewer than one "
-                    f"global batch of {batch_size} x {world_size} ranks"
+                    f"global batch of {batch_size} x {self.streams} micro-batches"
                 )
             self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-        self.step = 0
+        self.step, self.micro = 0, 0
 
-    def _random_windows(self, step: int) -> list[tuple[int, int]]:
-        rng = np.random.default_rng([self.seed, self.rank, step])
+    def _random_windows(self, step: int, stream: int) -> list[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, stream, step])
         shard_ids = rng.choice(len(self.shards), size=self.B, p=self.shard_p)
         return [(int(s), int(rng.integers(0, len(self.shards[s]) - self.T))) for s in shard_ids]
 
-    def _sequential_windows(self, step: int) -> list[tuple[int, int]]:
-        first = (step * self.world_size + self.rank) * self.B  # position in the endless stream of epochs
+    def _sequential_windows(self, step: int, stream: int) -> list[tuple[int, int]]:
+        first = (step * self.streams + stream) * self.B  # position in the endless stream of epochs
         windows = []
         for p in range(first, first + self.B):
             epoch, i = divmod(p, self.n_windows)
@@ -90,13 +97,18 @@ class ShardLoader:
             windows.append((shard, (w - int(self.window_starts[shard])) * self.T))
         return windows
 
-    def windows(self, step: int) -> list[tuple[int, int]]:
-        """(shard index, start offset) of the B windows this rank reads at `step`."""
-        return self._random_windows(step) if self.mode == "random" else self._sequential_windows(step)
+    def windows(self, step: int, micro: int = 0) -> list[tuple[int, int]]:
+        """(shard index, start offset) of the B windows this rank reads at (step, micro-batch)."""
+        stream = micro * self.world_size + self.rank
+        if self.mode == "random":
+            return self._random_windows(step, stream)
+        return self._sequential_windows(step, stream)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        buf = np.stack([self.shards[s][o : o + self.T + 1] for s, o in self.windows(self.step)])  # (B, T+1)
-        self.step += 1
+        """The next micro-batch; after grad_accum of them the loader is at the next step."""
+        windows = self.windows(self.step, self.micro)
+        buf = np.stack([self.shards[s][o : o + self.T + 1] for s, o in windows])  # (B, T+1)
+        self.step, self.micro = divmod(self.step * self.grad_accum + self.micro + 1, self.grad_accum)
         batch = torch.from_numpy(buf.astype(np.int64))
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
             batch = batch.pin_memory().to(self.device, non_blocking=True)
@@ -108,17 +120,19 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         geometry = {"batch_size": self.B, "seq_len": self.T, "rank": self.rank, "world_size": self.world_size}
-        return {"step": self.step, "mode": self.mode, "seed": self.seed, **geometry}
+        position = {"step": self.step, "micro": self.micro, "grad_accum": self.grad_accum}
+        return {**position, "mode": self.mode, "seed": self.seed, **geometry}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the saved loader was; its batch geometry and mode must be ours."""
-        for key in ("mode", "seed", "batch_size", "seq_len", "world_size", "rank"):
+        for key in ("mode", "seed", "batch_size", "seq_len", "world_size", "rank", "grad_accum"):
             mine = self.state_dict()[key]
             if state.get(key) != mine:
                 raise UserError(f"loader state has {key} {state.get(key)!r}, this loader has {mine!r}")
-        self.step = int(state["step"])
+        self.step, self.micro = int(state["step"]), int(state["micro"])
 
     @property
     def epoch(self) -> float:
         """Fraction of the split's tokens consumed across all ranks so far."""
-        return self.step * self.B * self.T * self.world_size / max(self.n_tokens, 1)
+        micro_batches = (self.step * self.grad_accum + self.micro) * self.world_size
+        return micro_batches * self.B * self.T / max(self.n_tokens, 1)

@@ -293,3 +293,14 @@ def test_loader_errors(data_dir):
     loader = ShardLoader(data_dir, "train", 2, 8)
     with pytest.raises(UserError, match="loader state has seq_len 16, this loader has 8"):
         loader.load_state_dict({**loader.state_dict(), "seq_len": 16})
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_one_process_accumulating_reads_what_two_processes_read(data_dir, mode):
+    """Micro-batch m of rank r is stream m * world_size + r: the global batch does not depend on the split."""
+    single = ShardLoader(data_dir, "train", 2, 16, mode=mode, grad_accum=2)
+    ranks = [ShardLoader(data_dir, "train", 2, 16, rank=r, world_size=2, mode=mode) for r in range(2)]
+    for _ in range(5):
+        assert torch.equal(single.next_batch()[0], ranks[0].next_batch()[0])
+        assert torch.equal(single.next_batch()[0], ranks[1].next_batch()[0])
+    assert single.state_dict()["step"] == ranks[0].state_dict()["step"] == 5
