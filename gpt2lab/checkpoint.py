@@ -24,6 +24,8 @@ FORMAT = "gpt2lab-checkpoint"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+STATE = "state.pt"
+LATEST, BEST = "latest", "best"  # pointer files in a run directory: the name of a step_NNNNNN checkpoint
 
 
 def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
@@ -65,8 +67,14 @@ def _names(names: list[str]) -> str:
     return repr(names[0]) + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
 
 
-def save_checkpoint(out_dir: str | Path, model: GPT, extra: dict[str, Any] | None = None) -> Path:
-    """Write out_dir/{model.safetensors, config.json}; config.json = {"model": GPTConfig fields, **extra}."""
+def save_checkpoint(
+    out_dir: str | Path, model: GPT, extra: dict[str, Any] | None = None, state: dict[str, Any] | None = None
+) -> Path:
+    """Write out_dir/{model.safetensors, config.json[, state.pt]} as one atomic directory.
+
+    config.json = {"format", "version", "model": GPTConfig fields, **extra}; state.pt (optimizer,
+    step, data position, RNG states: tensors and plain containers only) loads with weights_only=True.
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -76,6 +84,8 @@ def save_checkpoint(out_dir: str | Path, model: GPT, extra: dict[str, Any] | Non
         save_file(model_tensors(model), tmp / WEIGHTS, metadata={"format": "pt"})
         config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), **(extra or {})}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if state is not None:
+            torch.save(state, tmp / STATE)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -91,9 +101,55 @@ def save_checkpoint(out_dir: str | Path, model: GPT, extra: dict[str, Any] | Non
     return out_dir
 
 
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / f"step_{step:06d}"
+
+
+def set_pointer(run_dir: str | Path, name: str, ckpt: Path) -> None:
+    """Point run_dir/<name> ("latest" or "best") at a checkpoint; written last, atomically."""
+    atomic_write(Path(run_dir) / name, lambda p: p.write_text(ckpt.name + "\n"))
+
+
+def resolve(path: str | Path, pointer: str = LATEST) -> Path:
+    """A checkpoint directory as given, or the one a run directory's `latest` (or `best`) points at."""
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        return path
+    if (path / pointer).is_file():
+        target = path / (path / pointer).read_text().strip()
+        if (target / CONFIG).is_file():
+            return target
+        raise UserError(f"{path / pointer} points at {target.name}, which is not a complete checkpoint")
+    if not path.exists():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    raise UserError(f"{path} is not a gpt2lab checkpoint: no {CONFIG} and no {pointer!r} pointer")
+
+
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    """Delete step checkpoints except the newest keep_last and those `latest` and `best` point at."""
+    run_dir = Path(run_dir)
+    keep = {(run_dir / p).read_text().strip() for p in (LATEST, BEST) if (run_dir / p).is_file()}
+    steps = sorted(d for d in run_dir.glob("step_*") if d.is_dir())
+    for d in steps[: max(0, len(steps) - keep_last)]:
+        if d.name not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    """state.pt of a training checkpoint, loaded with weights_only=True (no code runs from the file)."""
+    path = Path(ckpt_dir) / STATE
+    if not path.is_file():
+        raise UserError(f"{ckpt_dir} has no {STATE}: it holds weights only and cannot resume training")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: pickle, zip and torch raise many types
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+
+
 def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
-    """config.json of a gpt2lab checkpoint, checked for format and version."""
-    path = Path(ckpt_dir) / CONFIG
+    """config.json of a gpt2lab checkpoint (or of the one a run directory's `latest` points at)."""
+    ckpt_dir = resolve(ckpt_dir)
+    path = ckpt_dir / CONFIG
     if not path.is_file():
         raise UserError(f"{ckpt_dir} is not a gpt2lab checkpoint: no {CONFIG}")
     try:
@@ -114,6 +170,7 @@ def load_model(ckpt_dir: str | Path, **overrides: Any) -> GPT:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    ckpt_dir = resolve(ckpt_dir)
     config = read_config(ckpt_dir)
     model = GPT(GPTConfig.from_dict({**config["model"], **overrides}))
     weights = Path(ckpt_dir) / WEIGHTS

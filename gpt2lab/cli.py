@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from gpt2lab.config import PRESETS, GPTConfig, PrepareConfig
+from gpt2lab.config import PRESETS, GPTConfig, PrepareConfig, TrainConfig, load_recipe
 from gpt2lab.errors import UserError
 
 
@@ -70,6 +70,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from gpt2lab.pretrained import convert
 
     print(convert(args.out, ckpt=args.ckpt, pretrained=args.pretrained))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gpt2lab.train import run
+
+    fields = load_recipe(args.recipe) if args.recipe else {"model": {}}
+    fields.update(config_overrides(args, TrainConfig))
+    fields["model"] = {**fields["model"], **config_overrides(args, GPTConfig)}
+    run(TrainConfig(**fields))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -144,6 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "train",
+        help="train a GPT-2 (one process, or many under torchrun -m gpt2lab train ...)",
+        description="Settings: defaults < --recipe NAME|PATH.toml < flags. Every TrainConfig and GPTConfig "
+        "field is a flag (--learning-rate 1e-3, --n-layer 6). --resume continues the latest checkpoint in "
+        "--out-dir (or --resume DIR) exactly where it stopped.",
+    )
+    p.add_argument("--recipe", help="recipe name (recipes/NAME.toml) or a .toml path")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=argparse.SUPPRESS,
+        metavar="CKPT",
+        help="resume the latest checkpoint in --out-dir, or the checkpoint CKPT",
+    )
+    add_config_flags(p, TrainConfig, "training settings", exclude=("model", "resume"))
+    add_config_flags(p, GPTConfig, "model fields (override the recipe's preset)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
         "prepare",

@@ -349,6 +349,27 @@ def _download_gpt2(dest: Path) -> None:
         atomic_write(dest / fname, lambda p, data=data: p.write_bytes(data))
 
 
+def _remember_gpt2(pair: tuple[Path, Path]) -> None:
+    """Copy OpenAI's two files (checked by SHA-256) into the cache when it lacks them, so that later
+    commands (a checkpoint restoring its tokenizer from a spec) find them without --gpt2-vocab."""
+    import hashlib
+
+    from gpt2lab.atomic import atomic_write
+
+    cached = cache_dir() / "gpt2"
+    if _gpt2_pair(cached) is not None:
+        return
+    blobs = {name: path.read_bytes() for name, path in zip(("encoder.json", "vocab.bpe"), pair, strict=True)}
+    if any(hashlib.sha256(data).hexdigest() != GPT2_FILES[name][1] for name, data in blobs.items()):
+        return  # not OpenAI's files byte for byte: use them, but do not make them the default
+    try:
+        cached.mkdir(parents=True, exist_ok=True)
+        for name, data in blobs.items():
+            atomic_write(cached / name, lambda p, data=data: p.write_bytes(data))
+    except OSError:
+        pass  # a read-only cache only costs the convenience
+
+
 def find_gpt2_vocab(vocab_dir: str | Path | None = None) -> tuple[Path, Path]:
     """(encoder.json, vocab.bpe) paths: vocab_dir, else the cache, else downloaded into the cache."""
     if vocab_dir is not None:
@@ -358,6 +379,7 @@ def find_gpt2_vocab(vocab_dir: str | Path | None = None) -> tuple[Path, Path]:
             raise UserError(
                 f"GPT-2 vocab dir {str(d)!r} has no encoder.json + vocab.bpe (or vocab.json + merges.txt)"
             )
+        _remember_gpt2(pair)
         return pair
     cached = cache_dir() / "gpt2"
     pair = _gpt2_pair(cached)

@@ -12,6 +12,15 @@ from gpt2lab import GPT, GPTConfig
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests never read or write the user's ~/.cache/gpt2lab (subprocesses inherit this too)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("GPT2LAB_CACHE", str(tmp_path_factory.mktemp("gpt2lab-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data (see its SOURCES.md); tests that need it skip on a clone without it."""

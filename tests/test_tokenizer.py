@@ -115,6 +115,20 @@ def test_gpt2_spec_restores_from_cache(cache):
     assert get_tokenizer(spec, backend="python").encode("Hello world") == tok.encode("Hello world")
 
 
+def test_explicit_gpt2_vocab_is_remembered_in_the_cache(cache, tmp_path):
+    """After one --gpt2-vocab, a checkpoint's {"kind": "gpt2"} spec restores without it."""
+    assert not (cache / "gpt2").exists()
+    get_tokenizer("gpt2", vocab_dir=need(GPT2_DIR))
+    assert get_tokenizer({"kind": "gpt2", "version": 1}).encode("Hello world") == [15496, 995]
+    # A modified vocabulary is used where given, but never becomes the cached default.
+    other = tmp_path / "other"
+    shutil.copytree(GPT2_DIR, other)
+    (other / "vocab.bpe").write_text((GPT2_DIR / "vocab.bpe").read_text() + "\n")
+    shutil.rmtree(cache / "gpt2")
+    get_tokenizer("gpt2", vocab_dir=other)
+    assert not (cache / "gpt2").exists()
+
+
 def _fake_urlopen(contents: dict[str, bytes], calls: list[str]):
     def urlopen(url, timeout=None):
         calls.append(url)

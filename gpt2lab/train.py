@@ -1,0 +1,489 @@
+"""Training: run(cfg) is one flat loop, read top to bottom, from a laptop CPU to many GPUs (torchrun).
+
+Order of things, each in one visible place: processes and device -> data -> model -> optimizer ->
+resume -> compile -> DDP/FSDP -> loop (eval, checkpoint, step, log) -> final checkpoint.
+The raw model (`raw`) is the one saved, evaluated and sampled; `model` is what trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2lab import checkpoint as ckpt
+from gpt2lab import distributed
+from gpt2lab.config import GPTConfig, TrainConfig, pad_vocab_size
+from gpt2lab.dataloader import ShardLoader
+from gpt2lab.errors import UserError
+from gpt2lab.model import GPT
+from gpt2lab.shards import read_manifest
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU (vendor data sheets; SXM parts). Override: --peak-flops.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup, then the schedule."""
+    min_lr = cfg.learning_rate / 10 if cfg.min_lr is None else cfg.min_lr
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    if cfg.lr_schedule == "wsd":  # warmup-stable-decay: flat, then a linear decay over the last fraction
+        decay_start = cfg.max_steps - round(cfg.wsd_decay_fraction * cfg.max_steps)
+        if step < decay_start:
+            return cfg.learning_rate
+        frac = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        return cfg.learning_rate + frac * (min_lr - cfg.learning_rate)
+    decay_end = cfg.lr_decay_steps or cfg.max_steps
+    if step >= decay_end:
+        return min_lr
+    frac = (step - cfg.warmup_steps) / max(
+        1, decay_end - cfg.warmup_steps
+    )  # cosine: 1 -> 0 over [warmup, end]
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.learning_rate - min_lr)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (2-D: linear weights, embeddings) only, not biases or LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"  # one kernel for all parameters instead of a loop over them
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused
+    )
+
+
+def model_config(cfg: TrainConfig, data_vocab: int) -> GPTConfig:
+    """The architecture: preset < recipe/CLI fields; vocab from the data, padded, unless set explicitly."""
+    fields = dict(cfg.model)
+    if "vocab_size" not in fields:
+        fields["vocab_size"] = pad_vocab_size(data_vocab, cfg.pad_vocab_multiple)
+    model_cfg = GPTConfig.preset(cfg.preset, **fields)
+    if model_cfg.vocab_size < data_vocab:
+        raise UserError(
+            f"the data's vocabulary ({data_vocab} tokens) does not fit the model's vocab_size "
+            f"{model_cfg.vocab_size}"
+        )
+    return model_cfg
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """None (plain fp32) on CPU by default; bf16 on CUDA when supported, else fp16 (with a GradScaler)."""
+    if cfg.dtype == "float32" or (cfg.dtype == "auto" and device.type != "cuda"):
+        return None
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+
+
+class Logger:
+    """metrics.jsonl (one JSON object per event), optional TensorBoard / W&B, and the loss plot."""
+
+    def __init__(self, out_dir: Path, cfg: TrainConfig, enabled: bool):
+        self.out_dir, self.enabled, self.history = out_dir, enabled, []
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        if (out_dir / "metrics.jsonl").is_file():
+            self.history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), dir=str(out_dir))
+
+    def log(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.history.append(event)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(event) + "\n")
+        numbers = {k: v for k, v in event.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, event["step"])
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=event["step"])
+
+    def plot(self) -> None:
+        """loss.png: train and val loss against the step (written atomically)."""
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+            points = [(e["step"], e[key]) for e in self.history if key in e]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "), markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        ckpt.atomic_write(self.out_dir / "loss.png", lambda p: fig.savefig(p, format="png"))
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as cfg says; returns a summary (final and best losses, steps, median step time)."""
+    # --- processes, device, numerics ------------------------------------------------------------
+    dist = distributed.setup(cfg.device)
+    device, print0 = dist.device, distributed.print0
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: ~fp32 accuracy for training
+    torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = autocast_dtype(cfg, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
+    out_dir = Path(cfg.out_dir)
+
+    # --- data -----------------------------------------------------------------------------------
+    if not cfg.data:
+        raise UserError("train needs --data DIR (a directory written by `gpt2lab prepare`)")
+    manifest = read_manifest(cfg.data)
+    model_cfg = model_config(cfg, manifest["vocab_size"])
+    T = cfg.seq_len or model_cfg.block_size
+    if model_cfg.block_size < T:
+        raise UserError(f"seq_len {T} exceeds the model's block_size {model_cfg.block_size}")
+    tokens_per_micro = cfg.batch_size * T * dist.world_size
+    total = cfg.total_batch_size or tokens_per_micro
+    if total % tokens_per_micro:
+        raise UserError(
+            f"total_batch_size {total} is not divisible by batch_size {cfg.batch_size} x seq_len {T} "
+            f"x {dist.world_size} processes = {tokens_per_micro}"
+        )
+    grad_accum = total // tokens_per_micro
+    train_loader = ShardLoader(
+        cfg.data,
+        "train",
+        cfg.batch_size,
+        T,
+        dist.rank,
+        dist.world_size,
+        cfg.loader_mode,
+        cfg.seed,
+        device,
+        grad_accum,
+    )
+    has_val = "val" in manifest["splits"]
+
+    # --- model ----------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    if cfg.init_from == "scratch":
+        raw = GPT(model_cfg)
+    else:
+        from gpt2lab.pretrained import load_pretrained
+
+        raw = load_pretrained(cfg.init_from, **{k: v for k, v in cfg.model.items() if k == "dropout"})
+        model_cfg = raw.config
+        if model_cfg.vocab_size < manifest["vocab_size"]:
+            raise UserError(f"the data's vocabulary ({manifest['vocab_size']}) does not fit {cfg.init_from}")
+    raw.to(device).train()
+    optimizer = make_optimizer(raw, cfg, device)
+    tokenizer_spec = manifest["tokenizer"]
+    flops_per_token = raw.flops_per_token(T)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = cfg.peak_flops or next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+
+    # --- resume: weights, optimizer, step, data position, RNG states ----------------------------
+    step, best_val, bad_evals, skips = 0, math.inf, 0, 0
+    if cfg.resume:
+        src = ckpt.resolve(out_dir if cfg.resume == "latest" else cfg.resume)
+        saved = ckpt.read_config(src)
+        if saved["model"] != model_cfg.to_dict():
+            diff = [
+                f"{k} {saved['model'].get(k)!r} vs {v!r}"
+                for k, v in model_cfg.to_dict().items()
+                if saved["model"].get(k) != v
+            ]
+            raise UserError(f"cannot resume from {src}: another architecture ({', '.join(diff)})")
+        state = ckpt.load_state(src)
+        ckpt.copy_weights(raw, ckpt.load_model(src).state_dict(), str(src))
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        train_loader.load_state_dict(state["loader"])
+        step, best_val, bad_evals, skips = (
+            state["step"],
+            state["best_val"],
+            state["bad_evals"],
+            state["skips"],
+        )
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"][dist.local_rank % len(state["rng"]["cuda"])])
+        print0(f"resumed from {src} at step {step}")
+    else:
+        torch.manual_seed(cfg.seed + dist.rank)  # dropout differs across processes
+
+    # --- compile, then DDP or FSDP2 (in this order); `raw` stays the plain module ---------------
+    model: Any = raw
+    if cfg.compile:
+        model = torch.compile(model)
+    if cfg.fsdp and dist.enabled:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in raw.transformer.h:
+            fully_shard(block)
+        fully_shard(raw)
+    elif dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # The log continues the run it resumes (up to the resumed step); a fresh run starts a fresh one.
+        metrics = out_dir / "metrics.jsonl"
+        kept = (
+            [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= step]
+            if cfg.resume and metrics.exists()
+            else []
+        )
+        ckpt.atomic_write(metrics, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+    logger = Logger(out_dir, cfg, dist.is_main)
+    print0(
+        f"model: {cfg.preset}, {raw.num_params():,} parameters, vocab {model_cfg.vocab_size} "
+        f"(data {manifest['vocab_size']}); device {device}{' ' + gpu if gpu else ''}, "
+        f"{dist.world_size} process(es), autocast {amp_dtype or 'off (fp32)'}, compile {cfg.compile}"
+    )
+    print0(
+        f"batch: {cfg.batch_size} x {T} tokens x {dist.world_size} processes x {grad_accum} accumulation "
+        f"= {total:,} tokens/step; {cfg.max_steps} steps"
+    )
+
+    # --- stop cleanly on SIGTERM / SIGINT: finish the step, save, exit ---------------------------
+    stop_signal: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop_signal.append(signum)
+
+    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def save(at_step: int, is_best: bool = False) -> None:
+        """Checkpoint the state *before* step `at_step`: resuming from it runs that step next."""
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "loader": train_loader.state_dict(),
+            "step": at_step,
+            "best_val": best_val,
+            "bad_evals": bad_evals,
+            "skips": skips,
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            },
+        }
+        if not dist.is_main:
+            return
+        extra = {"train": cfg.to_dict(), "tokenizer": tokenizer_spec, "step": at_step, "best_val": best_val}
+        path = ckpt.save_checkpoint(ckpt.step_dir(out_dir, at_step), raw, extra, state)
+        ckpt.set_pointer(out_dir, ckpt.LATEST, path)
+        if is_best:
+            ckpt.set_pointer(out_dir, ckpt.BEST, path)
+        ckpt.prune(out_dir, cfg.keep_last)
+
+    # --- the loop -------------------------------------------------------------------------------
+    step_times: list[float] = []
+    t_start, tokens_seen, last_log_loss, stopped = time.perf_counter(), 0, math.nan, ""
+    first_step = step
+    while True:
+        last = step >= cfg.max_steps
+
+        # --- eval: val loss (all-reduced), HellaSwag, samples; early stopping -------------------
+        eval_now = has_val and (
+            last or (cfg.eval_interval and step % cfg.eval_interval == 0 and step > first_step)
+        )
+        is_best = False
+        if eval_now:
+            from gpt2lab.evaluate import evaluate_loss
+
+            result = evaluate_loss(
+                raw, cfg.data, "val", cfg.batch_size, T, cfg.eval_tokens or None, device, autocast=autocast
+            )
+            raw.train()
+            val = result["loss"]
+            is_best = val < best_val
+            best_val, bad_evals = (val, 0) if is_best else (best_val, bad_evals + 1)
+            logger.log({"step": step, "val_loss": val, "val_perplexity": result["perplexity"]})
+            print0(f"step {step:>6}: val loss {val:.4f} (best {best_val:.4f})")
+            logger.plot()
+            if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
+                stopped = f"early stopping: no better val loss in {bad_evals} evaluations"
+        if cfg.hellaswag_interval and (last or (step % cfg.hellaswag_interval == 0 and step > first_step)):
+            from gpt2lab.evaluate import hellaswag, load_hellaswag
+            from gpt2lab.tokenizer import get_tokenizer
+
+            hs = hellaswag(
+                raw,
+                get_tokenizer(tokenizer_spec),
+                load_hellaswag(cfg.hellaswag_data, cfg.hellaswag_limit or None),
+                cfg.batch_size,
+                device,
+                autocast=autocast,
+            )
+            raw.train()
+            logger.log({"step": step, "hellaswag_acc_norm": hs["acc_norm"], "hellaswag_n": hs["n"]})
+            print0(f"step {step:>6}: HellaSwag acc_norm {hs['acc_norm']:.4f} ({hs['n']} examples)")
+        if (
+            cfg.sample_tokens
+            and dist.is_main
+            and (last or (cfg.sample_interval and step % cfg.sample_interval == 0 and step > first_step))
+        ):
+            from gpt2lab.generate import generate
+            from gpt2lab.tokenizer import get_tokenizer
+
+            tok = get_tokenizer(tokenizer_spec)
+            prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [tok.eot_id]
+            ids = generate(raw, prompt, cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed)
+            raw.train()
+            print0(f"step {step:>6}: sample: {cfg.sample_prompt + tok.decode(ids)!r}")
+
+        # --- checkpoint (every rank agrees on a signal received by any of them) -------------------
+        if distributed.any_process(bool(stop_signal), device) and not stopped:
+            stopped = (
+                f"stopped by signal {stop_signal[0]}"
+                if stop_signal
+                else "stopped by a signal on another rank"
+            )
+        periodic = step % cfg.checkpoint_interval == 0
+        if step > first_step and (last or stopped or periodic or is_best):
+            save(step, is_best)
+        if last or stopped:
+            break
+
+        # --- step: grad_accum micro-batches, clip, optimizer ------------------------------------
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            x, y = train_loader.next_batch()
+            sync = micro == grad_accum - 1  # DDP all-reduces gradients on the last micro-step only
+            with model.no_sync() if dist.enabled and not cfg.fsdp and not sync else contextlib.nullcontext():
+                with autocast():
+                    loss = model(x, y) / grad_accum
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
+        # The norm is identical on every process (gradients are all-reduced), so all take the same branch.
+        # Under fp16 an overflow is the GradScaler's business (it skips the step and lowers the scale);
+        # there only a non-finite loss counts.
+        if scaler.is_enabled():
+            nonfinite = distributed.any_process(not torch.isfinite(loss_sum).item(), device)
+        else:
+            nonfinite = not torch.isfinite(norm).item()
+        if nonfinite:
+            skips += 1
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            msg = f"step {step}: non-finite loss or gradient (grad norm {norm.item()})"
+            if cfg.on_nonfinite == "stop" or skips > cfg.max_skips:
+                distributed.teardown()
+                raise UserError(
+                    f"{msg}; stopped. The last good checkpoint in {out_dir} is intact "
+                    "(resume with --resume, perhaps with a lower learning rate)"
+                )
+            print0(f"{msg}; batch skipped ({skips}/{cfg.max_skips})")
+            step += 1
+            continue
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        tokens_seen += total
+
+        # --- log --------------------------------------------------------------------------------
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            last_log_loss = distributed.all_reduce_mean(loss_sum).item()
+            tok_s = total / dt
+            elapsed = time.perf_counter() - t_start
+            eta = (cfg.max_steps - step) * statistics.median(step_times[-50:])
+            event = {
+                "step": step,
+                "train_loss": last_log_loss,
+                "lr": lr,
+                "grad_norm": norm.item(),
+                "tokens_per_sec": tok_s,
+                "step_ms": dt * 1e3,
+                "elapsed_s": elapsed,
+            }
+            mfu = ""
+            if peak:
+                event["mfu"] = tok_s * flops_per_token / peak / dist.world_size
+                mfu = f" | MFU {event['mfu']:.1%}"
+            logger.log(event)
+            done = step / cfg.max_steps
+            bar = "█" * int(20 * done) + "·" * (20 - int(20 * done))
+            print0(
+                f"step {step:>6}/{cfg.max_steps} {bar} | loss {last_log_loss:.4f} | lr {lr:.2e} | "
+                f"norm {norm.item():.2f} | {tok_s / 1e3:,.1f}K tok/s{mfu} | {dt * 1e3:.0f} ms | "
+                f"{fmt_time(elapsed)} | ETA {fmt_time(eta)}"
+            )
+
+    # --- the end --------------------------------------------------------------------------------
+    for s, handler in previous_handlers.items():
+        signal.signal(s, handler)
+    logger.plot()
+    logger.close()
+    median_ms = statistics.median(step_times) * 1e3 if step_times else math.nan
+    summary = {
+        "step": step,
+        "train_loss": last_log_loss,
+        "best_val_loss": best_val,
+        "median_step_ms": median_ms,
+        "tokens": tokens_seen,
+        "stopped": stopped or "max_steps reached",
+        "out_dir": str(out_dir),
+    }
+    print0(
+        f"done: {summary['stopped']} at step {step}; best val loss {best_val:.4f}; median step time "
+        f"{median_ms:.1f} ms; checkpoints in {out_dir}"
+    )
+    distributed.teardown()
+    return summary
