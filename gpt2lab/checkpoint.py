@@ -126,8 +126,13 @@ def resolve(path: str | Path, pointer: str = LATEST) -> Path:
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:
-    """Delete step checkpoints except the newest keep_last and those `latest` and `best` point at."""
+    """Delete step checkpoints except the newest keep_last and those `latest` and `best` point at.
+
+    Also removes what a killed writer left: `.step_*.tmp-*` (never renamed into place) directories.
+    """
     run_dir = Path(run_dir)
+    for stale in run_dir.glob(".step_*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     keep = {(run_dir / p).read_text().strip() for p in (LATEST, BEST) if (run_dir / p).is_file()}
     steps = sorted(d for d in run_dir.glob("step_*") if d.is_dir())
     for d in steps[: max(0, len(steps) - keep_last)]:

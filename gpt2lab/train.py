@@ -338,7 +338,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             from gpt2lab.evaluate import evaluate_loss
 
             result = evaluate_loss(
-                raw, cfg.data, "val", cfg.batch_size, T, cfg.eval_tokens or None, device, autocast=autocast
+                raw, cfg.data, "val", cfg.batch_size, T, cfg.eval_tokens or None, device, autocast=autocast()
             )
             raw.train()
             val = result["loss"]
@@ -350,16 +350,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
                 stopped = f"early stopping: no better val loss in {bad_evals} evaluations"
         if cfg.hellaswag_interval and (last or (step % cfg.hellaswag_interval == 0 and step > first_step)):
-            from gpt2lab.evaluate import hellaswag, load_hellaswag
+            from gpt2lab.evaluate import hellaswag, hellaswag_file, load_hellaswag
             from gpt2lab.tokenizer import get_tokenizer
 
             hs = hellaswag(
                 raw,
                 get_tokenizer(tokenizer_spec),
-                load_hellaswag(cfg.hellaswag_data, cfg.hellaswag_limit or None),
+                load_hellaswag(hellaswag_file(cfg.hellaswag_data), cfg.hellaswag_limit or None),
                 cfg.batch_size,
                 device,
-                autocast=autocast,
+                autocast=autocast(),
             )
             raw.train()
             logger.log({"step": step, "hellaswag_acc_norm": hs["acc_norm"], "hellaswag_n": hs["n"]})

@@ -1,0 +1,292 @@
+"""Training: exact resume (stop, SIGTERM, SIGKILL mid-checkpoint), DDP == accumulation, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2lab.checkpoint import load_model, resolve
+from gpt2lab.cli import main
+from gpt2lab.config import PrepareConfig, TrainConfig, load_recipe
+from gpt2lab.errors import UserError
+from gpt2lab.shards import run as prepare
+from gpt2lab.train import lr_at, run
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """tinyshakespeare (or, without ../shared, a generated text) as bytes-level shards."""
+    root = tmp_path_factory.mktemp("data")
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+    text = (
+        shared.read_text()[:200_000] if shared.exists() else " ".join(f"word{i % 97}" for i in range(40_000))
+    )
+    (root / "corpus.txt").write_text(text)
+    prepare(PrepareConfig(source=str(root / "corpus.txt"), out=str(root / "bytes"), tokenizer="bytes"))
+    return root / "bytes"
+
+
+def cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    fields = dict(
+        data=str(data),
+        out_dir=str(out),
+        preset="gpt2",
+        model={**TINY, "dropout": 0.1},
+        batch_size=4,
+        max_steps=40,
+        lr_decay_steps=40,
+        warmup_steps=5,
+        learning_rate=3e-3,
+        log_interval=1,
+        eval_interval=10,
+        eval_tokens=2048,
+        checkpoint_interval=10,
+        pad_vocab_multiple=1,
+    )
+    return TrainConfig(**{**fields, **kw})
+
+
+def losses(out: Path) -> dict[int, float]:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["train_loss"] for e in events if "train_loss" in e}
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_model(resolve(out)).state_dict()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_lr_schedules():
+    c = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert [lr_at(s, c) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warmup
+    assert lr_at(60, c) == pytest.approx(0.55) and lr_at(110, c) == pytest.approx(0.1)  # cosine midpoint, end
+    wsd = TrainConfig(learning_rate=1.0, min_lr=0.0, lr_schedule="wsd", max_steps=100, wsd_decay_fraction=0.2)
+    assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0 and lr_at(90, wsd) == pytest.approx(0.5)
+    assert lr_at(99, TrainConfig(lr_schedule="constant", learning_rate=0.3)) == 0.3
+
+
+def test_stop_and_resume_is_exact(data, tmp_path):
+    straight = run(cfg(data, tmp_path / "straight"))
+    run(cfg(data, tmp_path / "split", max_steps=20))  # stops at 20 with a checkpoint
+    run(cfg(data, tmp_path / "split", resume="latest"))  # 20 more
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(1, 41))
+    assert a == b  # bit-identical losses, dropout included (RNG state restored)
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
+    assert straight["train_loss"] < math.log(256) - 1  # and it learned something
+    assert (tmp_path / "straight" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kept = sorted(p.name for p in (tmp_path / "straight").glob("step_*"))
+    best = (tmp_path / "straight" / "best").read_text().strip()
+    assert (
+        kept[-2:] == ["step_000030", "step_000040"] and best in kept and len(kept) <= 3
+    )  # keep_last 2 + best
+
+
+def _run_cli(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gpt2lab", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def _flags(c: TrainConfig) -> list[str]:
+    flags = []
+    for k, v in {**c.to_dict(), **c.model}.items():
+        if k in ("model", "resume") or v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        flags += ([flag] if v else ["--no-" + k.replace("_", "-")]) if isinstance(v, bool) else [flag, str(v)]
+    return flags
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_is_exact(data, tmp_path):
+    steps = 150
+    run(cfg(data, tmp_path / "straight", max_steps=steps, lr_decay_steps=steps, checkpoint_interval=1000))
+    args = _flags(
+        cfg(data, tmp_path / "killed", max_steps=steps, lr_decay_steps=steps, checkpoint_interval=1000)
+    )
+    proc = _run_cli(args)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped_at = int(resolve(tmp_path / "killed").name.split("_")[1])
+    assert 20 <= stopped_at < steps and "stopped by signal 15" in out
+    done = _run_cli([*args, "--resume"])
+    assert done.wait(timeout=300) == 0, done.stdout.read()
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert_same_weights(tmp_path / "killed", tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_sigkill_while_checkpointing_leaves_a_loadable_checkpoint(data, tmp_path):
+    """Checkpoint every step of a model big enough that writing dominates; kill until a write was cut."""
+    big = {**TINY, "n_embd": 256, "n_head": 4, "dropout": 0.0}
+    c = cfg(
+        data,
+        tmp_path / "run",
+        model=big,
+        max_steps=400,
+        lr_decay_steps=400,
+        checkpoint_interval=1,
+        eval_interval=0,
+        keep_last=1,
+    )
+    args = _flags(c)
+    cut_mid_write = False
+    for attempt in range(8):
+        proc = _run_cli(args + (["--resume"] if (tmp_path / "run" / "latest").exists() else []))
+        time.sleep(3.0 + 0.37 * attempt)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if list((tmp_path / "run").glob(".step_*.tmp-*")):
+            cut_mid_write = True
+        if (tmp_path / "run" / "latest").exists():
+            load_model(resolve(tmp_path / "run"))  # whatever `latest` names is whole
+        if cut_mid_write:
+            break
+    assert cut_mid_write, "no kill landed during a checkpoint write"
+    before = int(resolve(tmp_path / "run").name.split("_")[1])
+    proc = _run_cli([*args, "--resume", "--max-steps", str(before + 3)])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"resumed from {tmp_path / 'run' / f'step_{before:06d}'} at step {before}" in out
+    assert not list((tmp_path / "run").glob(".step_*.tmp-*"))  # the debris was cleaned up
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_accumulation(data, tmp_path):
+    common = dict(
+        model={**TINY, "dropout": 0.0},
+        max_steps=12,
+        lr_decay_steps=12,
+        eval_interval=0,
+        total_batch_size=4 * 32 * 2,
+        loader_mode="random",
+    )
+    run(cfg(data, tmp_path / "one", **common))  # one process: 2 micro-batches of 4 x 32 per step
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "gpt2lab",
+        "train",
+        *_flags(cfg(data, tmp_path / "two", **common)),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 process(es)" in result.stdout and "x 1 accumulation" in result.stdout
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 13))
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+
+
+def test_nonfinite_loss_stops_or_skips_and_keeps_the_checkpoint(data, tmp_path, monkeypatch):
+    from gpt2lab.model import GPT
+
+    forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, kv_cache=None):
+        out = forward(self, idx, targets, kv_cache)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] in (15, 16):  # the 15th and 16th training micro-batches
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(UserError, match="step 14: non-finite loss or gradient .* last good checkpoint"):
+        run(cfg(data, tmp_path / "stop", max_steps=30))
+    assert resolve(tmp_path / "stop").name == "step_000010"  # intact, loadable
+    load_model(resolve(tmp_path / "stop"))
+    calls["n"] = 0
+    summary = run(cfg(data, tmp_path / "skip", max_steps=30, on_nonfinite="skip", max_skips=2))
+    assert summary["step"] == 30 and math.isfinite(summary["train_loss"])
+    assert 15 not in losses(tmp_path / "skip") and 16 not in losses(tmp_path / "skip")
+
+
+def test_early_stopping_and_best_checkpoint(data, tmp_path):
+    # A learning rate this high makes val loss worse after the first evals; patience 2 stops the run.
+    summary = run(
+        cfg(
+            data,
+            tmp_path,
+            max_steps=400,
+            learning_rate=0.5,
+            grad_clip=0,
+            warmup_steps=0,
+            early_stopping_patience=2,
+            eval_interval=5,
+        )
+    )
+    assert summary["stopped"].startswith("early stopping") and summary["step"] < 400
+    best = json.loads((resolve(tmp_path, "best") / "config.json").read_text())["best_val"]
+    assert best == summary["best_val_loss"]
+
+
+def test_bad_inputs(data, tmp_path, capsys):
+    with pytest.raises(
+        UserError, match=r"unknown \[train\] key 'learning_rat' \(did you mean 'learning_rate'\?\)"
+    ):
+        (tmp_path / "r.toml").write_text("[train]\nlearning_rat = 1e-3\n")
+        load_recipe(str(tmp_path / "r.toml"))
+    with pytest.raises(
+        UserError, match=r"unknown recipe 'shakespeare-chr' \(did you mean 'shakespeare-char'\?\)"
+    ):
+        load_recipe("shakespeare-chr")
+    with pytest.raises(
+        UserError, match="total_batch_size 1000 is not divisible by batch_size 4 x seq_len 32"
+    ):
+        run(cfg(data, tmp_path / "a", total_batch_size=1000))
+    with pytest.raises(
+        UserError, match=r"data's vocabulary \(257 tokens\) does not fit the model's vocab_size 100"
+    ):
+        run(cfg(data, tmp_path / "b", model={**TINY, "vocab_size": 100}))
+    run(cfg(data, tmp_path / "c", max_steps=10))
+    with pytest.raises(UserError, match="cannot resume .* another architecture \\(n_layer 2 vs 3\\)"):
+        run(cfg(data, tmp_path / "c", model={**TINY, "dropout": 0.1, "n_layer": 3}, resume="latest"))
+    assert main(["train", "--data", str(data), "--out-dir", str(tmp_path / "d"), "--n-head", "5"]) == 2
+    assert "n_embd 768 is not divisible by n_head 5" in capsys.readouterr().err
+
+
+def test_every_recipe_parses():
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
+    assert {p.stem for p in recipes} >= {"shakespeare-char"}
+    for path in recipes:
+        fields = load_recipe(str(path))
+        TrainConfig(**fields)  # validates every field, the preset and the model overrides
+        assert path.read_text().startswith("#")  # each states its source, hardware and expected result
