@@ -285,7 +285,14 @@ def test_bad_inputs(data, tmp_path, capsys):
 
 def test_every_recipe_parses():
     recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
-    assert {p.stem for p in recipes} >= {"shakespeare-char"}
+    assert {p.stem for p in recipes} >= {
+        "shakespeare-char",
+        "tinystories-124m",
+        "wikitext103-tinytiny",
+        "tinystories-6l512",
+        "fineweb-edu-124m",
+        "tinystories-cpu",
+    }
     for path in recipes:
         fields = load_recipe(str(path))
         TrainConfig(**fields)  # validates every field, the preset and the model overrides
