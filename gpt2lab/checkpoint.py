@@ -28,11 +28,13 @@ STATE = "state.pt"
 LATEST, BEST = "latest", "best"  # pointer files in a run directory: the name of a step_NNNNNN checkpoint
 
 
-def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's weights by name, on CPU, contiguous; a tied lm_head is left out (it is wte)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def model_tensors(model: GPT, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights by name (or `tensors`, gathered by the caller from a sharded model), on CPU,
+    contiguous; a tied lm_head is left out (it is wte)."""
+    source = model.state_dict() if tensors is None else tensors
+    tensors = {k: v.detach().cpu().contiguous() for k, v in source.items()}
     if model.config.tie_weights:
-        tensors.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
     return tensors
 
 
@@ -68,7 +70,11 @@ def _names(names: list[str]) -> str:
 
 
 def save_checkpoint(
-    out_dir: str | Path, model: GPT, extra: dict[str, Any] | None = None, state: dict[str, Any] | None = None
+    out_dir: str | Path,
+    model: GPT,
+    extra: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write out_dir/{model.safetensors, config.json[, state.pt]} as one atomic directory.
 
@@ -81,7 +87,7 @@ def save_checkpoint(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        save_file(model_tensors(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        save_file(model_tensors(model, tensors), tmp / WEIGHTS, metadata={"format": "pt"})
         config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), **(extra or {})}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if state is not None:

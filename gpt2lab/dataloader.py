@@ -119,16 +119,21 @@ class ShardLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict[str, Any]:
-        geometry = {"batch_size": self.B, "seq_len": self.T, "rank": self.rank, "world_size": self.world_size}
-        position = {"step": self.step, "micro": self.micro, "grad_accum": self.grad_accum}
-        return {**position, "mode": self.mode, "seed": self.seed, **geometry}
+        """The position (step, micro) and what defines the stream of global batches."""
+        stream = {"mode": self.mode, "seed": self.seed, "batch_size": self.B, "seq_len": self.T}
+        return {"step": self.step, "micro": self.micro, "streams": self.streams, **stream}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the saved loader was; its batch geometry and mode must be ours."""
-        for key in ("mode", "seed", "batch_size", "seq_len", "world_size", "rank", "grad_accum"):
-            mine = self.state_dict()[key]
-            if state.get(key) != mine:
-                raise UserError(f"loader state has {key} {state.get(key)!r}, this loader has {mine!r}")
+        """Continue exactly where the saved loader was.
+
+        The global batches depend on mode, seed, batch geometry and the number of streams
+        (world_size x grad_accum), not on how the streams are spread over processes: a run saved on
+        2 processes resumes on 1 accumulating 2 micro-batches (or the reverse) and reads the same data.
+        """
+        mine = self.state_dict()
+        for key in ("mode", "seed", "batch_size", "seq_len", "streams"):
+            if state.get(key) != mine[key]:
+                raise UserError(f"loader state has {key} {state.get(key)!r}, this loader has {mine[key]!r}")
         self.step, self.micro = int(state["step"]), int(state["micro"])
 
     @property

@@ -218,14 +218,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if model_cfg.vocab_size < manifest["vocab_size"]:
             raise UserError(f"the data's vocabulary ({manifest['vocab_size']}) does not fit {cfg.init_from}")
     raw.to(device).train()
-    optimizer = make_optimizer(raw, cfg, device)
     tokenizer_spec = manifest["tokenizer"]
     flops_per_token = raw.flops_per_token(T)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = cfg.peak_flops or next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
 
-    # --- resume: weights, optimizer, step, data position, RNG states ----------------------------
-    step, best_val, bad_evals, skips = 0, math.inf, 0, 0
+    # --- resume: weights, step, data position, RNG states (the optimizer's once it exists) -------
+    step, best_val, bad_evals, skips, state = 0, math.inf, 0, 0, None
     if cfg.resume:
         src = ckpt.resolve(out_dir if cfg.resume == "latest" else cfg.resume)
         saved = ckpt.read_config(src)
@@ -238,7 +237,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             raise UserError(f"cannot resume from {src}: another architecture ({', '.join(diff)})")
         state = ckpt.load_state(src)
         ckpt.copy_weights(raw, ckpt.load_model(src).state_dict(), str(src))
-        optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         train_loader.load_state_dict(state["loader"])
         step, best_val, bad_evals, skips = (
@@ -254,20 +252,39 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     else:
         torch.manual_seed(cfg.seed + dist.rank)  # dropout differs across processes
 
-    # --- compile, then DDP or FSDP2 (in this order); `raw` stays the plain module ---------------
+    # --- parallelism and compile; `raw` is the module saved, evaluated and sampled ---------------
+    # DDP: compile, then wrap (DDP then sees one fused graph per bucket). FSDP2: shard each block and
+    # the root in place (raw's parameters become shards), then compile.
     model: Any = raw
-    if cfg.compile:
-        model = torch.compile(model)
     if cfg.fsdp and dist.enabled:
         from torch.distributed.fsdp import fully_shard
 
         for block in raw.transformer.h:
             fully_shard(block)
         fully_shard(raw)
-    elif dist.enabled:
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist.enabled and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+
+    # --- optimizer, after sharding (it must hold the parameters that train) ---------------------
+    # State dicts go through torch.distributed.checkpoint's helpers, in their full (unsharded) form,
+    # keyed by parameter name: one format for one process, DDP and FSDP, so a run can resume in any.
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer = make_optimizer(raw, cfg, device)
+    if state is not None:
+        set_optimizer_state_dict(
+            raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
 
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -300,8 +317,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     def save(at_step: int, is_best: bool = False) -> None:
         """Checkpoint the state *before* step `at_step`: resuming from it runs that step next."""
+        tensors = get_model_state_dict(raw, options=full)  # collective under FSDP: every rank calls it
         state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": get_optimizer_state_dict(raw, optimizer, options=full),
             "scaler": scaler.state_dict(),
             "loader": train_loader.state_dict(),
             "step": at_step,
@@ -316,7 +334,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if not dist.is_main:
             return
         extra = {"train": cfg.to_dict(), "tokenizer": tokenizer_spec, "step": at_step, "best_val": best_val}
-        path = ckpt.save_checkpoint(ckpt.step_dir(out_dir, at_step), raw, extra, state)
+        path = ckpt.save_checkpoint(ckpt.step_dir(out_dir, at_step), raw, extra, state, tensors)
         ckpt.set_pointer(out_dir, ckpt.LATEST, path)
         if is_best:
             ckpt.set_pointer(out_dir, ckpt.BEST, path)
@@ -399,7 +417,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
             x, y = train_loader.next_batch()
-            sync = micro == grad_accum - 1  # DDP all-reduces gradients on the last micro-step only
+            sync = micro == grad_accum - 1  # gradients are reduced across processes on the last micro-step
+            if cfg.fsdp and dist.enabled:
+                raw.set_requires_gradient_sync(sync)
             with model.no_sync() if dist.enabled and not cfg.fsdp and not sync else contextlib.nullcontext():
                 with autocast():
                     loss = model(x, y) / grad_accum

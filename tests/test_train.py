@@ -181,7 +181,7 @@ def test_sigkill_while_checkpointing_leaves_a_loadable_checkpoint(data, tmp_path
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_accumulation(data, tmp_path):
+def test_ddp_and_fsdp_two_processes_equal_one_process_with_accumulation(data, tmp_path):
     common = dict(
         model={**TINY, "dropout": 0.0},
         max_steps=12,
@@ -212,6 +212,15 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(data, tmp_path):
     assert sorted(one) == sorted(two) == list(range(1, 13))
     for step in one:
         assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+    # FSDP2 (sharded parameters, gradients, optimizer state) computes the same steps...
+    cmd[cmd.index(str(tmp_path / "two"))] = str(tmp_path / "fsdp")
+    result = subprocess.run([*cmd, "--fsdp"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    fsdp = losses(tmp_path / "fsdp")
+    assert all(abs(one[s] - fsdp[s]) < 1e-5 for s in one), (one, fsdp)
+    # ...and its checkpoint (gathered to full tensors) resumes in a single process.
+    run(cfg(data, tmp_path / "fsdp", **{**common, "max_steps": 14, "lr_decay_steps": 12}, resume="latest"))
+    assert sorted(losses(tmp_path / "fsdp")) == list(range(1, 15))
 
 
 def test_nonfinite_loss_stops_or_skips_and_keeps_the_checkpoint(data, tmp_path, monkeypatch):
