@@ -439,28 +439,29 @@ def hellaswag(
     device = torch.device(device)
     rank, world = _rank_world()
     mine = list(examples)[rank::world]
+    items = [(ex, _rows(tok, ex)) for ex in mine]
+    # Longest first, so that each batch holds rows of similar length: little padding is computed.
+    items.sort(key=lambda item: -max(len(ids) for ids, _ in item[1]))
     bar = _Progress("hellaswag", len(mine), progress and rank == 0)
     predictions = []
     with _eval_mode(model):
         for b in range(0, len(mine), batch_size):
-            batch = mine[b : b + batch_size]
-            per_example = [_rows(tok, ex) for ex in batch]
+            batch = items[b : b + batch_size]
             unique: dict[tuple[tuple[int, ...], int], int] = {}
-            for rows in per_example:
+            for _, rows in batch:
                 for ids, n in rows:
                     unique.setdefault((tuple(ids), n), len(unique))
-            keys = list(unique)
-            sums = _score_rows(model, [(list(ids), n) for ids, n in keys], device, autocast)
-            for ex, rows in zip(batch, per_example, strict=True):
+            sums = _score_rows(model, [(list(ids), n) for ids, n in unique], device, autocast)
+            for ex, rows in batch:
                 loss = [sums[unique[(tuple(ids), n)]] for ids, n in rows]
-                counts = [n for _, n in rows]
-                predictions.append(_predict(ex, loss[:4], counts[:4], loss[4:]))
+                predictions.append(_predict(ex, loss[:4], [n for _, n in rows[:4]], loss[4:]))
             bar.update(len(predictions))
     bar.close()
     if world > 1:
         gathered: list[Any] = [None] * world
         torch.distributed.all_gather_object(gathered, predictions)
-        predictions = sorted((p for part in gathered for p in part), key=lambda p: p["index"])
+        predictions = [p for part in gathered for p in part]
+    predictions.sort(key=lambda p: p["index"])
     n = len(predictions)
     result: dict[str, Any] = {"n": n}
     for key, pred in (
