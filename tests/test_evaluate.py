@@ -367,3 +367,47 @@ def test_download_offline_names_data_flag(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(UserError, match="--data FILE"):
         evaluate.hellaswag_file()
+
+
+# --- DDP: 2 processes (gloo) give the single-process numbers ---------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    from gpt2lab.tokenizer import get_tokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        model = randomized(GPT(small_config(vocab_size=257, block_size=1024, n_layer=1)))
+        loss = evaluate_loss(model, Path(tmp) / "data", "val", batch_size=2, seq_len=64)
+        examples = load_hellaswag(Path(tmp) / "h.jsonl")
+        hs = hellaswag(model, get_tokenizer("bytes"), examples, batch_size=2)
+        (Path(tmp) / f"rank{rank}.json").write_text(json.dumps({"loss": loss, "hellaswag": hs}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from gpt2lab.tokenizer import get_tokenizer
+
+    prepare_bytes(tmp_path)
+    records = [record(label=k % 4, ctx_b=f"she {k}", ind=k) for k in range(7)]  # 7: ranks get 4 and 3
+    write_jsonl(tmp_path / "h.jsonl", [json.dumps(r) for r in records])
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2)
+    model = randomized(GPT(small_config(vocab_size=257, block_size=1024, n_layer=1)))
+    loss = evaluate_loss(model, tmp_path / "data", "val", batch_size=2, seq_len=64)
+    hs = hellaswag(model, get_tokenizer("bytes"), load_hellaswag(tmp_path / "h.jsonl"), batch_size=2)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["loss"]["tokens"] == loss["tokens"]
+        for key in ("loss", "perplexity", "bits_per_byte"):
+            assert got["loss"][key] == pytest.approx(loss[key], rel=1e-6)
+        assert got["hellaswag"]["n"] == 7
+        for key in ("acc", "acc_norm", "harness_acc", "harness_acc_norm"):
+            assert got["hellaswag"][key] == hs[key]
+        for p, q in zip(got["hellaswag"]["predictions"], hs["predictions"], strict=True):
+            assert p["index"] == q["index"] and p["losses"] == pytest.approx(q["losses"], abs=1e-4)
