@@ -209,7 +209,8 @@ def evaluate_loss(
     device = torch.device(device)
     rank, world = _rank_world()
     windows = list(range(rank, -(-n_targets // T), world))  # window w predicts tokens w*T+1 .. w*T+T
-    nats = tokens = n_bytes = 0.0
+    nats = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
+    tokens = n_bytes = 0
     with _eval_mode(model):
         for b in range(0, len(windows), batch_size):
             rows = windows[b : b + batch_size]
@@ -223,10 +224,10 @@ def evaluate_loss(
             count = int((y != IGNORE_INDEX).sum())
             with autocast or contextlib.nullcontext():
                 loss = model(x.to(device), y.to(device))
-            nats += float(loss) * count
+            nats += loss.detach().double() * count
             tokens += count
-            n_bytes += float(byte_table[y[y != IGNORE_INDEX]].sum())
-    nats, tokens, n_bytes = _all_reduce_sum([nats, tokens, n_bytes], device)
+            n_bytes += int(byte_table[y[y != IGNORE_INDEX]].sum())
+    nats, tokens, n_bytes = _all_reduce_sum([float(nats), tokens, n_bytes], device)
     loss = nats / tokens
     return {
         "loss": loss,
