@@ -19,9 +19,11 @@ HellaSwag (Zellers et al. 2019) is scored in the two conventions published table
 Inputs: the official jsonl (rowanz/hellaswag `hellaswag_val.jsonl`, downloaded into the cache when
 no file is given), or llama.cpp's 6-lines-per-task text (`activity_label: ctx`, label, 4 endings).
 The text layout is already preprocessed and has no ctx_a / ctx_b, so there both styles score the
-same label-prefixed context: the harness style matches the harness except that ctx_b's first letter
-is not capitalised, and the completion style is not build-nanogpt's (which has no label prefix).
-Use the jsonl for numbers that compare with published ones.
+same label-prefixed context. Checked on the 1000 records of ../shared/data/hellaswag: its context is
+the harness's except that ctx_b's first letter is not capitalised (1000 of 1000), and its endings
+equal the harness's in 941 of 1000 (the rest differ by a stripped leading space). The completion
+style there is not build-nanogpt's (which has no label prefix and no preprocessing). Use the jsonl
+for numbers that compare with published ones.
 """
 
 from __future__ import annotations
