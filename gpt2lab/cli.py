@@ -113,6 +113,25 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         print(stats(tok, args.input, args.top))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from gpt2lab.evaluate import run_hellaswag, run_loss
+
+    common = dict(
+        ckpt=args.ckpt,
+        pretrained=args.pretrained,
+        batch_size=args.batch_size,
+        gpt2_vocab=args.gpt2_vocab,
+        json_out=args.json,
+        device=args.device,
+    )
+    if args.kind == "loss":
+        print(
+            run_loss(args.data, split=args.split, max_tokens=args.max_tokens, seq_len=args.seq_len, **common)
+        )
+    else:
+        print(run_hellaswag(data=args.data, limit=args.limit, progress=not args.quiet, **common))
+
+
 def _read_text(path: str) -> str:
     try:
         return sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
@@ -227,6 +246,45 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--input", required=True, help="UTF-8 file to measure")
             t.add_argument("--top", type=int, default=20, help="how many merges to list (default 20)")
     p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser(
+        "eval",
+        help="loss / perplexity / bits per byte of a split; HellaSwag accuracy",
+        description="Results are printed as a table and written as JSON: to --json, else next to the "
+        "checkpoint as eval_loss.json / eval_hellaswag.json (--pretrained without --json: printed only).",
+    )
+    esub = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, help_ in (
+        ("loss", "mean loss, perplexity and bits per byte over all tokens of a prepared split"),
+        ("hellaswag", "HellaSwag accuracy, completion style and lm-evaluation-harness style"),
+    ):
+        e = esub.add_parser(kind, help=help_)
+        src = e.add_mutually_exclusive_group(required=True)
+        src.add_argument("--ckpt", help="gpt2lab checkpoint directory")
+        src.add_argument("--pretrained", help="Hugging Face GPT-2 directory, or a hub name (gpt2, ...)")
+        e.add_argument(
+            "--gpt2-vocab", default=None, metavar="DIR", help="folder with encoder.json + vocab.bpe"
+        )
+        e.add_argument("--json", default=None, metavar="OUT.json", help="where to write the results")
+        e.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+        if kind == "loss":
+            e.add_argument("--data", required=True, help="directory `gpt2lab prepare` wrote")
+            e.add_argument("--split", default="val", help="split to evaluate (default val)")
+            e.add_argument("--max-tokens", type=int, default=None, help="predict only the first N tokens")
+            e.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+            e.add_argument("--seq-len", type=int, default=None, help="window length (default: the context)")
+        else:
+            e.add_argument(
+                "--data",
+                default=None,
+                metavar="FILE",
+                help="hellaswag_val.jsonl or the 6-lines-per-task .txt (default: download the official "
+                "val jsonl into $GPT2LAB_CACHE/hellaswag)",
+            )
+            e.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+            e.add_argument("--batch-size", type=int, default=4, help="examples per forward (default 4)")
+            e.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
