@@ -62,6 +62,13 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world_size) of this process: (0, 1) unless a process group is running."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def print0(*args, **kwargs) -> None:
     """print on rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpt2lab import distributed
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, IGNORE_INDEX
 
@@ -53,24 +54,6 @@ from gpt2lab.model import GPT, IGNORE_INDEX
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 HELLASWAG_FILE = "hellaswag_val.jsonl"
-
-
-# --- distributed helpers (no-ops unless torch.distributed is initialized) ----------------------
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sums over ranks, in float64 so that token and byte counts stay exact."""
-    if _rank_world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t.tolist()
 
 
 @contextlib.contextmanager
@@ -209,7 +192,7 @@ def evaluate_loss(
     )
 
     device = torch.device(device)
-    rank, world = _rank_world()
+    rank, world = distributed.rank_world()
     windows = list(range(rank, -(-n_targets // T), world))  # window w predicts tokens w*T+1 .. w*T+T
     nats = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
     tokens = n_bytes = 0
@@ -229,7 +212,9 @@ def evaluate_loss(
             nats += loss.detach().double() * count
             tokens += count
             n_bytes += int(byte_table[y[y != IGNORE_INDEX]].sum())
-    nats, tokens, n_bytes = _all_reduce_sum([float(nats), tokens, n_bytes], device)
+    # float64: token and byte counts stay exact in the sum over ranks
+    sums = torch.tensor([float(nats), tokens, n_bytes], dtype=torch.float64, device=device)
+    nats, tokens, n_bytes = distributed.all_reduce_sum(sums).tolist()
     loss = nats / tokens
     return {
         "loss": loss,
@@ -440,7 +425,7 @@ def hellaswag(
     if batch_size <= 0:
         raise UserError(f"batch_size must be positive, got {batch_size}")
     device = torch.device(device)
-    rank, world = _rank_world()
+    rank, world = distributed.rank_world()
     mine = list(examples)[rank::world]
     items = [(ex, _rows(tok, ex)) for ex in mine]
     # Longest first, so that each batch holds rows of similar length: little padding is computed.
