@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from gpt2lab.config import PRESETS, GPTConfig
+from gpt2lab.config import PRESETS, GPTConfig, SampleConfig
 from gpt2lab.errors import UserError
 
 
@@ -68,6 +68,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(convert(args.out, ckpt=args.ckpt, pretrained=args.pretrained))
 
 
+def cmd_sample(args: argparse.Namespace) -> None:
+    from gpt2lab.generate import run
+
+    run(SampleConfig(**config_overrides(args, SampleConfig)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2lab", description="GPT-2 from scratch: train, evaluate, sample, serve, fine-tune."
@@ -101,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "sample",
+        help="generate text from a checkpoint or a pretrained GPT-2",
+        description="One of --ckpt DIR or --pretrained NAME_OR_DIR. With --prompt or --prompt-file: "
+        "print the samples; with neither: interactive, one prompt per line until end of input.",
+    )
+    add_config_flags(p, SampleConfig, "sampling")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 

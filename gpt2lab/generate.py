@@ -23,15 +23,18 @@ Policies (each one is tested in tests/test_generate.py):
 from __future__ import annotations
 
 import codecs
+import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import torch
 from torch.nn import functional as F
 
-from gpt2lab.config import GPTConfig
+from gpt2lab.config import GPTConfig, SampleConfig
 from gpt2lab.errors import UserError
 
 GPT2_EOT = 50256  # GPT-2's <|endoftext|>: the document separator it was trained with
@@ -104,6 +107,97 @@ class KVCache:
         new.pos = self.pos
         new.pad = None if self.pad is None else self.pad.repeat_interleave(n)
         return new
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose decode step has fixed shapes, so it can be captured in a CUDA graph.
+
+    Prefill (and re-prefill) goes through GPT.forward as usual. In a decode step (`decoding` True)
+    the new token's keys and values are written at the device tensor `slot` and the whole buffer
+    (B, nh, max_len, hs) is returned; slots not yet written are masked out by `static_decode`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.decoding = False
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.k.device)  # == pos, on the device
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.decoding:
+            return super().update(layer, k, v)
+        self.k[layer].index_copy_(2, self.slot, k)  # (B, nh, max_len, hs) <- (B, nh, 1, hs) at slot
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+    def repeat_interleave(self, n: int) -> StaticKVCache:
+        new = object.__new__(StaticKVCache)
+        new.__dict__.update(super().repeat_interleave(n).__dict__)
+        new.decoding, new.slot = False, self.slot.clone()
+        return new
+
+
+def static_decode(model: Any, idx: torch.Tensor, cache: StaticKVCache, pad: torch.Tensor) -> torch.Tensor:
+    """One decode step with shapes that never change: idx (B, 1) at cache.slot -> logits (B, V).
+
+    The same computation as GPT.forward with a KVCache, except that attention runs over all max_len
+    slots with a mask (written slots, minus each row's left padding), and the position is a device
+    tensor, not a Python int; nothing here reads a Python value that changes between steps.
+    pad (B,) is the left padding of each row within the cache. Advances cache.slot by one.
+    """
+    cfg = model.config
+    tr = model.transformer
+    slots = torch.arange(cache.max_len, device=idx.device)  # (S,)
+    pos = (cache.slot - pad).clamp(min=0)[:, None]  # (B, 1): positions count from each row's first token
+    mask = (slots[None, :] <= cache.slot) & (slots[None, :] >= pad[:, None])  # (B, S)
+    x = tr.wte(idx)  # (B, 1, C)
+    if cfg.pos_embedding == "learned":
+        x = x + tr.wpe(pos)
+    else:  # as GPT.forward: scale the token embeddings, add the fixed sinusoids
+        x = x * math.sqrt(cfg.n_embd) + model.pos_table[pos]
+    x = tr.drop(x)
+    cache.decoding = True
+    try:
+        for block in tr.h:
+            x = block(x, mask[:, None, None, :], cache)  # mask (B, 1, 1, S)
+    finally:
+        cache.decoding = False
+    cache.slot += 1
+    return model.lm_head(tr.ln_f(x))[:, -1]  # (B, V)
+
+
+def _static_decoder(
+    model: Any, cache: StaticKVCache, pad: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    cache.slot.fill_(cache.pos)
+    if cache.k.device.type == "cuda":
+        return GraphDecoder(model, cache, pad)
+    return lambda idx, pad: static_decode(model, idx, cache, pad)
+
+
+class GraphDecoder:
+    """static_decode captured once in a CUDA graph and replayed per token (no per-op launch cost)."""
+
+    def __init__(self, model: Any, cache: StaticKVCache, pad: torch.Tensor):
+        self.idx = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.k.device)
+        self.pad = pad.clone()
+        saved = cache.slot.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (lazy init, kernel selection)
+            for _ in range(2):
+                static_decode(model, self.idx, cache, self.pad)
+                cache.slot.copy_(saved)  # the slot written here is rewritten by the real step
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = static_decode(model, self.idx, cache, self.pad)
+        cache.slot.copy_(saved)
+
+    def __call__(self, idx: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        self.idx.copy_(idx)
+        self.pad.copy_(pad)
+        self.graph.replay()
+        return self.logits.clone()  # the graph's output buffer is overwritten by the next replay
 
 
 # --- sampling -----------------------------------------------------------------------------------
@@ -318,6 +412,7 @@ def steps(
     stop: str | Sequence[str] = (),
     decode_bytes: Callable[[list[int]], bytes] | None = None,
     window_keep: int | None = None,
+    compile: bool = False,
 ) -> Iterator[Step]:
     """The engine: yield one Step per generated position for a batch of prompts (lists of ids).
 
@@ -325,6 +420,8 @@ def steps(
     and run in one batch; the num_samples samples of a prompt share its one prefill. Stops when
     every row has finished (eot_id, a stop string) or after max_new_tokens steps. seed seeds a new
     torch.Generator; pass generator to continue one. The model runs in eval mode (restored after).
+    compile: decode with a fixed-shape step over the whole cache (static_decode), captured in a CUDA
+    graph on a GPU so a token costs one graph launch; on CPU it runs eagerly (exact, not faster).
     """
     cfg: GPTConfig = model.config
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty, frequency_penalty)
@@ -354,7 +451,7 @@ def steps(
     model.eval()
     try:
         yield from _decode(
-            model, prompts, max_new_tokens, sampling, generator, num_samples, eot_id, texts, keep
+            model, prompts, max_new_tokens, sampling, generator, num_samples, eot_id, texts, keep, compile
         )
     finally:
         model.train(was_training)
@@ -370,6 +467,7 @@ def _decode(
     eot_id: int | None,
     texts: list[TextDecoder] | None,
     keep: int,
+    compile: bool,
 ) -> Iterator[Step]:
     cfg: GPTConfig = model.config
     param = next(model.parameters())
@@ -384,7 +482,8 @@ def _decode(
     tokens = tokens.to(device)
     pad = torch.tensor([P - n for n in lengths], device=device)  # (B,) left padding of each row
     # The newest token is never fed to the model, so total - 1 positions suffice.
-    cache = KVCache(cfg, B, min(cfg.block_size, total - 1), device=device, dtype=param.dtype, pad=pad)
+    cache_type = StaticKVCache if compile else KVCache
+    cache = cache_type(cfg, B, min(cfg.block_size, total - 1), device=device, dtype=param.dtype, pad=pad)
 
     # --- prefill: all prompts at once, then each row's cache copied for its samples
     logits = model(tokens[:, :P], kv_cache=cache)[:, -1].float()  # (B, V)
@@ -400,6 +499,8 @@ def _decode(
         counts = torch.zeros(B, logits.size(-1), device=device)
         counts.scatter_add_(1, tokens[:, :P], real.float())
     active = [True] * B
+    window_pad = pad  # (B,) each row's left padding inside the model's window
+    decoder = None  # compile: the static-shape decode step, captured in a CUDA graph on GPU
 
     # --- decode: choose, emit, feed the new token back through the cache
     for cur in range(P, total):
@@ -423,8 +524,15 @@ def _decode(
             )
         if cache.pos == cache.max_len:  # the context is full: restart the window at the last `keep` tokens
             window = cur + 1 - keep  # column of `tokens` that becomes position 0
-            cache.reset(pad=(pad - window).clamp(min=0))
+            window_pad = (pad - window).clamp(min=0)
+            cache.reset(pad=window_pad)
             logits = model(tokens[:, window : cur + 1], kv_cache=cache)[:, -1].float()
+        elif compile:
+            if decoder is None:
+                decoder = _static_decoder(model, cache, window_pad)
+            cache.slot.fill_(cache.pos)  # a no-op on the device unless a prefill moved pos
+            logits = decoder(tokens[:, cur : cur + 1], window_pad).float()
+            cache.pos += 1
         else:
             logits = model(tokens[:, cur : cur + 1], kv_cache=cache)[:, -1].float()
 
@@ -511,3 +619,141 @@ def stream_text(
     rest = text.flush()
     if rest:
         yield rest
+
+
+# --- `gpt2lab sample` ------------------------------------------------------------------------------
+
+
+def load_for_sampling(cfg: SampleConfig) -> tuple[Any, Any]:
+    """(model in eval mode on cfg.device, tokenizer) for --ckpt or --pretrained.
+
+    A gpt2lab checkpoint whose config.json has a "tokenizer" spec uses that tokenizer; Hugging Face
+    GPT-2 weights, and checkpoints converted from them, use GPT-2's own.
+    """
+    from gpt2lab.tokenizer import get_tokenizer
+
+    if (cfg.ckpt is None) == (cfg.pretrained is None):
+        raise UserError("sample needs exactly one of --ckpt DIR or --pretrained NAME_OR_DIR")
+    spec = None
+    if cfg.ckpt is not None:
+        from gpt2lab.checkpoint import load_model, read_config
+
+        spec = read_config(cfg.ckpt).get("tokenizer")
+        model = load_model(cfg.ckpt)
+    else:
+        from gpt2lab.pretrained import load_pretrained
+
+        model = load_pretrained(cfg.pretrained)
+    if spec is not None:
+        tokenizer = get_tokenizer(spec)
+    elif cfg.gpt2_vocab is not None:
+        tokenizer = get_tokenizer("gpt2", vocab_dir=cfg.gpt2_vocab)
+    else:
+        tokenizer = get_tokenizer("gpt2")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocab_size {model.config.vocab_size}"
+        )
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = model.to(device=torch.device(device), dtype=getattr(torch, cfg.dtype))
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"cannot use device {cfg.device!r}: {e}") from None
+    return model.eval(), tokenizer
+
+
+def run(cfg: SampleConfig, inp: TextIO | None = None, out: TextIO | None = None) -> None:
+    """`gpt2lab sample`: print samples for --prompt / --prompt-file, or for each line read interactively."""
+    inp = sys.stdin if inp is None else inp
+    out = sys.stdout if out is None else out
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, cfg.frequency_penalty)
+    if cfg.prompt is not None and cfg.prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    if cfg.num_samples < 1:
+        raise UserError(f"--num-samples must be a positive integer, got {cfg.num_samples}")
+    if cfg.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be a non-negative integer, got {cfg.max_new_tokens}")
+    prompt = cfg.prompt
+    if cfg.prompt_file is not None:
+        try:
+            prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --prompt-file {cfg.prompt_file}: {e}") from None
+    model, tokenizer = load_for_sampling(cfg)
+    generator = torch.Generator(device=next(model.parameters()).device)
+    if cfg.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(cfg.seed)
+    kwargs = dict(
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        repetition_penalty=sampling.repetition_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        generator=generator,
+        eot_id=tokenizer.eot_id,
+        compile=cfg.compile,
+    )
+    stop = [] if not cfg.stop else [cfg.stop]
+
+    def complete(text: str) -> None:
+        ids = tokenizer.encode(text, allowed_special="all")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(cfg.num_samples):
+                if i:
+                    print("\n" + "-" * 40, file=out)
+                out.write(text)
+                if cfg.stream:  # the samples one after another, each printed as it comes
+                    for piece in stream_text(
+                        model, ids, cfg.max_new_tokens, tokenizer.decode_bytes, stop=stop, **kwargs
+                    ):
+                        out.write(piece)
+                        out.flush()
+                else:
+                    if i == 0:  # all samples in one batch, sharing the prompt's prefill
+                        rows = generate(
+                            model,
+                            [ids],
+                            cfg.max_new_tokens,
+                            num_samples=cfg.num_samples,
+                            stop=stop,
+                            decode_bytes=tokenizer.decode_bytes,
+                            **kwargs,
+                        )
+                    out.write(completion_text(rows[i], tokenizer.decode_bytes, tokenizer.eot_id, stop))
+                print(file=out, flush=True)
+        for w in caught:
+            print(f"gpt2lab sample: warning: {w.message}", file=sys.stderr)
+
+    if prompt is not None:
+        complete(prompt)
+        return
+    interactive = inp.isatty()
+    while True:
+        if interactive:
+            print("prompt> ", end="", file=sys.stderr, flush=True)
+        line = inp.readline()
+        if not line:
+            break
+        complete(line.rstrip("\n"))
+
+
+def completion_text(
+    ids: list[int], decode_bytes: Callable[[list[int]], bytes], eot_id: int | None, stop: Sequence[str]
+) -> str:
+    """The text of generated ids, as stream_text shows it: up to the EOT or the stop string."""
+    text = TextDecoder(decode_bytes, stop)
+    parts = []
+    for t in ids:
+        if t == eot_id:
+            break
+        parts.append(text.push(t))
+        if text.stopped:
+            break
+    parts.append(text.flush())
+    return "".join(parts)
