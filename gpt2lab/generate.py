@@ -486,7 +486,7 @@ def _decode(
     cache = cache_type(cfg, B, min(cfg.block_size, total - 1), device=device, dtype=param.dtype, pad=pad)
 
     # --- prefill: all prompts at once, then each row's cache copied for its samples
-    logits = model(tokens[:, :P], kv_cache=cache)[:, -1].float()  # (B, V)
+    logits = model(tokens[:, :P], kv_cache=cache, last_only=True)[:, -1].float()  # (B, V)
     if num_samples > 1:
         cache = cache.repeat_interleave(num_samples)
         tokens = tokens.repeat_interleave(num_samples, dim=0)
@@ -526,7 +526,7 @@ def _decode(
             window = cur + 1 - keep  # column of `tokens` that becomes position 0
             window_pad = (pad - window).clamp(min=0)
             cache.reset(pad=window_pad)
-            logits = model(tokens[:, window : cur + 1], kv_cache=cache)[:, -1].float()
+            logits = model(tokens[:, window : cur + 1], kv_cache=cache, last_only=True)[:, -1].float()
         elif compile:
             if decoder is None:
                 decoder = _static_decoder(model, cache, window_pad)

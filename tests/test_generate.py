@@ -476,3 +476,19 @@ def test_cuda_graph_decode_matches_the_uncached_model():
     ref = windowed_reference(model, prompt, new, 32)
     for s, r in zip(got, ref, strict=True):
         torch.testing.assert_close(s.logits[0], r.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_forward_last_only_gives_the_last_position_of_the_full_logits():
+    model = small_model()
+    idx = torch.tensor([[4, 8, 15, 16, 23, 42], [1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        full = model(idx)
+        last = model(idx, last_only=True)
+        cache = KVCache(model.config, 2, pad=torch.tensor([0, 2]))
+        cached = model(idx, kv_cache=cache, last_only=True)
+        ref_pad = model(idx[1:, 2:])[:, -1]
+    assert last.shape == (2, 1, 101)
+    torch.testing.assert_close(last, full[:, -1:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(cached[1, -1], ref_pad[0], atol=ATOL, rtol=0)  # row 1 left-padded by 2
+    with pytest.raises(UserError, match="last_only"):
+        model(idx, targets=idx, last_only=True)
