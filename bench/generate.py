@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [torch.randint(0, 50257, (n_,), generator=g).tolist() for n_ in lens]
 
         def ours(prompts=prompts):
-            kw = dict(temperature=0, eot_id=None, compile=True) if args.compile else dict(temperature=0)
-            return generate(model, prompts if len(prompts) > 1 else prompts[0], n, eot_id=None, **kw)
+            one = prompts if len(prompts) > 1 else prompts[0]
+            return generate(model, one, n, temperature=0, eot_id=None, compile=args.compile)
 
         def theirs(prompts=prompts):
             P = max(len(p) for p in prompts)

@@ -432,7 +432,7 @@ def steps(
     keep = cfg.block_size // 2 if window_keep is None else window_keep
     if not isinstance(keep, int) or not 1 <= keep <= cfg.block_size:
         raise UserError(f"window_keep must be in [1, block_size {cfg.block_size}], got {window_keep!r}")
-    stop = [stop] if isinstance(stop, str) else [s for s in stop if s]
+    stop = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
     if stop and decode_bytes is None:
         raise UserError("stop strings need decode_bytes (a tokenizer's ids -> bytes) to read the text")
     if len(prompts) == 0:
