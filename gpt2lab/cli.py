@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from gpt2lab.config import PRESETS, GPTConfig, PrepareConfig, TrainConfig, load_recipe
+from gpt2lab.config import PRESETS, GPTConfig, PrepareConfig, SampleConfig, TrainConfig, load_recipe
 from gpt2lab.errors import UserError
 
 
@@ -137,6 +137,12 @@ def _read_text(path: str) -> str:
         return sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path!r} as UTF-8 text ({e})") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from gpt2lab.generate import run
+
+    run(SampleConfig(**config_overrides(args, SampleConfig)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--batch-size", type=int, default=4, help="examples per forward (default 4)")
             e.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "sample",
+        help="generate text from a checkpoint or a pretrained GPT-2",
+        description="One of --ckpt DIR or --pretrained NAME_OR_DIR. With --prompt or --prompt-file: "
+        "print the samples; with neither: interactive, one prompt per line until end of input.",
+    )
+    add_config_flags(p, SampleConfig, "sampling")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 

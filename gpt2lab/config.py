@@ -292,3 +292,27 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
 
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # recipes/ in the repository
+
+
+@dataclass
+class SampleConfig:
+    """`gpt2lab sample`: the model to load, the prompt, and how to sample (see generate.py)."""
+
+    ckpt: str | None = None  # a gpt2lab checkpoint directory
+    pretrained: str | None = None  # a Hugging Face GPT-2 directory, or a hub name (gpt2, ...)
+    prompt: str | None = None  # neither prompt nor prompt_file: interactive, one prompt per stdin line
+    prompt_file: str | None = None
+    num_samples: int = 1
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None  # nucleus sampling, in (0, 1]
+    repetition_penalty: float = 1.0  # 1 = off
+    frequency_penalty: float = 0.0  # 0 = off
+    stop: str | None = None  # stop at this text (not shown)
+    seed: int | None = None
+    stream: bool = False  # print text as it is generated
+    gpt2_vocab: str | None = None  # directory with GPT-2's encoder.json + vocab.bpe
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compile: bool = False  # CUDA: decode through a captured CUDA graph
