@@ -413,6 +413,7 @@ def steps(
     decode_bytes: Callable[[list[int]], bytes] | None = None,
     window_keep: int | None = None,
     compile: bool = False,
+    vocab_size: int | None = None,
 ) -> Iterator[Step]:
     """The engine: yield one Step per generated position for a batch of prompts (lists of ids).
 
@@ -422,6 +423,8 @@ def steps(
     torch.Generator; pass generator to continue one. The model runs in eval mode (restored after).
     compile: decode with a fixed-shape step over the whole cache (static_decode), captured in a CUDA
     graph on a GPU so a token costs one graph launch; on CPU it runs eagerly (exact, not faster).
+    vocab_size: sample only ids below it, e.g. the tokenizer's 50257 when the model's vocabulary is
+    padded to 50304 (the padding rows are never trained and have no text).
     """
     cfg: GPTConfig = model.config
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty, frequency_penalty)
@@ -450,8 +453,19 @@ def steps(
     was_training = model.training
     model.eval()
     try:
+        limit = cfg.vocab_size if vocab_size is None else min(vocab_size, cfg.vocab_size)
         yield from _decode(
-            model, prompts, max_new_tokens, sampling, generator, num_samples, eot_id, texts, keep, compile
+            model,
+            prompts,
+            max_new_tokens,
+            sampling,
+            generator,
+            num_samples,
+            eot_id,
+            texts,
+            keep,
+            compile,
+            limit,
         )
     finally:
         model.train(was_training)
@@ -468,6 +482,7 @@ def _decode(
     texts: list[TextDecoder] | None,
     keep: int,
     compile: bool,
+    limit: int,
 ) -> Iterator[Step]:
     cfg: GPTConfig = model.config
     param = next(model.parameters())
@@ -504,7 +519,8 @@ def _decode(
 
     # --- decode: choose, emit, feed the new token back through the cache
     for cur in range(P, total):
-        nxt = sampling.choose(logits, counts, generator)  # (B,)
+        usable = None if counts is None else counts[:, :limit]
+        nxt = sampling.choose(logits[:, :limit], usable, generator)  # (B,): ids < limit only
         emitted = list(active)
         if not all(emitted):  # finished rows repeat their last token, which nobody reads
             nxt = torch.where(torch.tensor(emitted, device=device), nxt, tokens[:, cur - 1])
@@ -696,6 +712,7 @@ def run(cfg: SampleConfig, inp: TextIO | None = None, out: TextIO | None = None)
         frequency_penalty=sampling.frequency_penalty,
         generator=generator,
         eot_id=tokenizer.eot_id,
+        vocab_size=tokenizer.vocab_size,
         compile=cfg.compile,
     )
     stop = [] if not cfg.stop else [cfg.stop]

@@ -385,14 +385,27 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if (
             cfg.sample_tokens
             and dist.is_main
-            and (last or (cfg.sample_interval and step % cfg.sample_interval == 0 and step > first_step))
+            and (
+                last
+                or stopped
+                or (cfg.sample_interval and step % cfg.sample_interval == 0 and step > first_step)
+            )
         ):
             from gpt2lab.generate import generate
             from gpt2lab.tokenizer import get_tokenizer
 
             tok = get_tokenizer(tokenizer_spec)
             prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [tok.eot_id]
-            ids = generate(raw, prompt, cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed)
+            ids = generate(
+                raw,
+                prompt,
+                cfg.sample_tokens,
+                temperature=0.8,
+                top_k=200,
+                seed=cfg.seed,
+                eot_id=tok.eot_id,
+                vocab_size=tok.vocab_size,
+            )
             raw.train()
             print0(f"step {step:>6}: sample: {cfg.sample_prompt + tok.decode(ids)!r}")
 

@@ -499,3 +499,18 @@ def test_forward_last_only_gives_the_last_position_of_the_full_logits():
     torch.testing.assert_close(cached[1, -1], ref_pad[0], atol=ATOL, rtol=0)  # row 1 left-padded by 2
     with pytest.raises(UserError, match="last_only"):
         model(idx, targets=idx, last_only=True)
+
+
+def test_vocab_size_keeps_samples_out_of_padding_rows():
+    """A model padded to 128 rows with a 100-token tokenizer never emits ids 100..127."""
+    from conftest import randomized, small_config
+
+    from gpt2lab import GPT
+
+    model = randomized(GPT(small_config(vocab_size=128)))
+    with torch.no_grad():
+        model.lm_head.weight[100:] += 5.0  # make the padding rows the most likely ones
+    free = generate(model, [1, 2, 3], 40, temperature=1.0, seed=0, eot_id=None)
+    limited = generate(model, [1, 2, 3], 40, temperature=1.0, seed=0, eot_id=None, vocab_size=100)
+    assert max(free) >= 100  # without the limit the padding rows are sampled...
+    assert max(limited) < 100  # ...with it, never

@@ -248,7 +248,7 @@ def test_nonfinite_loss_stops_or_skips_and_keeps_the_checkpoint(data, tmp_path, 
     assert 15 not in losses(tmp_path / "skip") and 16 not in losses(tmp_path / "skip")
 
 
-def test_early_stopping_and_best_checkpoint(data, tmp_path):
+def test_early_stopping_and_best_checkpoint(data, tmp_path, capsys):
     # A learning rate this high makes val loss worse after the first evals; patience 2 stops the run.
     summary = run(
         cfg(
@@ -265,6 +265,7 @@ def test_early_stopping_and_best_checkpoint(data, tmp_path):
     assert summary["stopped"].startswith("early stopping") and summary["step"] < 400
     best = json.loads((resolve(tmp_path, "best") / "config.json").read_text())["best_val"]
     assert best == summary["best_val_loss"]
+    assert f"step {summary['step']:>6}: sample: " in capsys.readouterr().out  # a sample at the end
 
 
 def test_bad_inputs(data, tmp_path, capsys):
