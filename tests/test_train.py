@@ -260,12 +260,14 @@ def test_early_stopping_and_best_checkpoint(data, tmp_path, capsys):
             warmup_steps=0,
             early_stopping_patience=2,
             eval_interval=5,
+            sample_tokens=8,
         )
     )
     assert summary["stopped"].startswith("early stopping") and summary["step"] < 400
     best = json.loads((resolve(tmp_path, "best") / "config.json").read_text())["best_val"]
     assert best == summary["best_val_loss"]
-    assert f"step {summary['step']:>6}: sample: " in capsys.readouterr().out  # a sample at the end
+    out = capsys.readouterr().out
+    assert f"step {summary['step']:>6}: sample: " in out  # a sample at the end
 
 
 def test_bad_inputs(data, tmp_path, capsys):
