@@ -51,27 +51,9 @@ def gpt2() -> bpe.BPE:
 
 
 @pytest.fixture(scope="module")
-def tiktoken_gpt2():
+def tiktoken_gpt2(tiktoken_reference):
     """tiktoken's GPT-2 Encoding, built by tiktoken's own reader of the same two files (not our parser)."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
-    need(GPT2_DIR)
-    old = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the local files directly, cache nothing
-    try:
-        ranks = data_gym_to_mergeable_bpe_ranks(str(GPT2_DIR / "vocab.bpe"), str(GPT2_DIR / "encoder.json"))
-    finally:
-        if old is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = old
-    return tiktoken.Encoding(
-        "gpt2-reference",
-        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": 50256},
-    )
+    return tiktoken_reference
 
 
 # --- GPT-2's vocabulary: our Python encoder == tiktoken
