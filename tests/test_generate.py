@@ -267,7 +267,6 @@ def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
 
 
 def test_sampled_frequencies_match_softmax_of_logits_over_temperature():
-    pytest.importorskip("scipy")
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2])
     T, n = 0.7, 40_000
     g = torch.Generator().manual_seed(1234)
