@@ -484,24 +484,6 @@ def _predict(ex: Example, loss: list[float], counts: list[int], harness_loss: li
 # --- what `gpt2lab eval` runs ---------------------------------------------------------------------
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_for_eval(
-    ckpt: str | Path | None, pretrained: str | Path | None, device: str
-) -> tuple[GPT, dict[str, Any] | None]:
-    """(model on device, the checkpoint's tokenizer spec or None) from --ckpt DIR or --pretrained DIR."""
-    if (ckpt is None) == (pretrained is None):
-        raise UserError("give exactly one of --ckpt DIR or --pretrained NAME_OR_DIR")
-    if ckpt is not None:
-        from gpt2lab.checkpoint import load_model, read_config
-
-        spec = read_config(ckpt).get("tokenizer")
-        return load_model(ckpt).to(device), spec
-    return GPT.from_pretrained(pretrained).to(device), None
-
-
 def _write_result(
     result: dict[str, Any], json_out: str | Path | None, ckpt: str | Path | None, kind: str
 ) -> str:
@@ -536,8 +518,10 @@ def run_loss(
     device: str | None = None,
 ) -> str:
     """`gpt2lab eval loss`: the table to print; the JSON goes to json_out, else next to the checkpoint."""
-    device = device or _default_device()
-    model, _ = load_for_eval(ckpt, pretrained, device)
+    from gpt2lab.checkpoint import load_any
+
+    device = str(distributed.pick_device(device or "auto"))
+    model, _ = load_any(ckpt, pretrained, device)
     result = evaluate_loss(
         model, data, split, batch_size, seq_len, max_tokens, device=device, vocab_dir=gpt2_vocab
     )
@@ -565,12 +549,13 @@ def run_hellaswag(
     progress: bool = True,
 ) -> str:
     """`gpt2lab eval hellaswag`: the table to print; JSON to json_out, else next to the checkpoint."""
+    from gpt2lab.checkpoint import load_any
     from gpt2lab.tokenizer import get_tokenizer
 
-    device = device or _default_device()
+    device = str(distributed.pick_device(device or "auto"))
     path = hellaswag_file(data)
     examples = load_hellaswag(path, limit)
-    model, spec = load_for_eval(ckpt, pretrained, device)
+    model, spec = load_any(ckpt, pretrained, device)
     tok = get_tokenizer(spec if spec is not None else "gpt2", vocab_dir=gpt2_vocab)
     t0 = time.perf_counter()
     result = hellaswag(model, tok, examples, batch_size, device, progress=progress)

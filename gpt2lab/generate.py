@@ -646,39 +646,17 @@ def load_for_sampling(cfg: SampleConfig) -> tuple[Any, Any]:
     A gpt2lab checkpoint whose config.json has a "tokenizer" spec uses that tokenizer; Hugging Face
     GPT-2 weights, and checkpoints converted from them, use GPT-2's own.
     """
+    from gpt2lab.checkpoint import load_any
     from gpt2lab.tokenizer import get_tokenizer
 
-    if (cfg.ckpt is None) == (cfg.pretrained is None):
-        raise UserError("sample needs exactly one of --ckpt DIR or --pretrained NAME_OR_DIR")
-    spec = None
-    if cfg.ckpt is not None:
-        from gpt2lab.checkpoint import load_model, read_config
-
-        spec = read_config(cfg.ckpt).get("tokenizer")
-        model = load_model(cfg.ckpt)
-    else:
-        from gpt2lab.pretrained import load_pretrained
-
-        model = load_pretrained(cfg.pretrained)
-    if spec is not None:
-        tokenizer = get_tokenizer(spec)
-    elif cfg.gpt2_vocab is not None:
-        tokenizer = get_tokenizer("gpt2", vocab_dir=cfg.gpt2_vocab)
-    else:
-        tokenizer = get_tokenizer("gpt2")
+    model, spec = load_any(cfg.ckpt, cfg.pretrained, cfg.device, getattr(torch, cfg.dtype))
+    tokenizer = get_tokenizer(spec if spec is not None else "gpt2", vocab_dir=cfg.gpt2_vocab)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens, more than the model's "
             f"vocab_size {model.config.vocab_size}"
         )
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        model = model.to(device=torch.device(device), dtype=getattr(torch, cfg.dtype))
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"cannot use device {cfg.device!r}: {e}") from None
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def run(cfg: SampleConfig, inp: TextIO | None = None, out: TextIO | None = None) -> None:
