@@ -130,7 +130,7 @@ def test_sigterm_saves_and_resume_is_exact(data, tmp_path):
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
+        if metrics.exists() and metrics.read_text().count('"train_loss"') >= 20:  # 20 steps done
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.01)
@@ -147,29 +147,37 @@ def test_sigterm_saves_and_resume_is_exact(data, tmp_path):
 @pytest.mark.slow
 def test_sigkill_while_checkpointing_leaves_a_loadable_checkpoint(data, tmp_path):
     """Checkpoint every step of a model big enough that writing dominates; kill until a write was cut."""
-    big = {**TINY, "n_embd": 256, "n_head": 4, "dropout": 0.0}
+    big = {**TINY, "n_embd": 512, "n_head": 8, "dropout": 0.0}  # 6.4M parameters: ~75 MB per checkpoint
     c = cfg(
         data,
         tmp_path / "run",
         model=big,
-        max_steps=400,
-        lr_decay_steps=400,
+        max_steps=100_000,  # never reached: every attempt is killed
+        lr_decay_steps=100_000,
         checkpoint_interval=1,
         eval_interval=0,
         keep_last=1,
     )
     args = _flags(c)
+    latest = tmp_path / "run" / "latest"
     cut_mid_write = False
-    for attempt in range(8):
-        proc = _run_cli(args + (["--resume"] if (tmp_path / "run" / "latest").exists() else []))
-        time.sleep(3.0 + 0.37 * attempt)
+    for attempt in range(12):
+        before = latest.read_text() if latest.exists() else None
+        proc = _run_cli(args + (["--resume"] if before else []))
+        deadline, seen, saved_at = time.time() + 120, before, []
+        while time.time() < deadline and proc.poll() is None and len(saved_at) < 3:  # past warm-up
+            now = latest.read_text() if latest.exists() else None
+            if now != seen:
+                saved_at.append(time.time())
+            seen = now
+            time.sleep(0.002)
+        period = saved_at[-1] - saved_at[-2] if len(saved_at) > 1 else 0.2  # one step + one checkpoint
+        time.sleep(period * (0.35 + 0.6 * ((attempt * 0.618) % 1)))  # a different point of the next one
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        load_model(resolve(tmp_path / "run"))  # whatever `latest` names is whole
         if list((tmp_path / "run").glob(".step_*.tmp-*")):
             cut_mid_write = True
-        if (tmp_path / "run" / "latest").exists():
-            load_model(resolve(tmp_path / "run"))  # whatever `latest` names is whole
-        if cut_mid_write:
             break
     assert cut_mid_write, "no kill landed during a checkpoint write"
     before = int(resolve(tmp_path / "run").name.split("_")[1])
