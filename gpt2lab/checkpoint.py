@@ -176,14 +176,35 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_model(ckpt_dir: str | Path, **overrides: Any) -> GPT:
-    """The GPT stored in a checkpoint directory, in eval mode; overrides set config fields."""
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether path is a gpt2lab checkpoint or a run directory with a `latest` one (not a HF directory)."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        return True
+    try:
+        return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_model(ckpt_dir: str | Path, merge: bool = True, **overrides: Any) -> GPT:
+    """The GPT stored in a checkpoint directory, in eval mode; overrides set config fields.
+
+    A LoRA run's checkpoint (config "lora") holds the frozen base and the adapter: it comes back
+    with the adapter merged into the weights (merge=False: adapters kept apart, as training resumes).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     ckpt_dir = resolve(ckpt_dir)
     config = read_config(ckpt_dir)
     model = GPT(GPTConfig.from_dict({**config["model"], **overrides}))
+    if config.get("lora"):
+        from gpt2lab.lora import apply_lora
+
+        lora = config["lora"]
+        with torch.random.fork_rng(devices=[]):  # A's random init is overwritten: leave the RNG alone
+            apply_lora(model, lora["targets"], lora["rank"], lora["alpha"], lora["dropout"])
     weights = Path(ckpt_dir) / WEIGHTS
     if not weights.is_file():
         raise UserError(f"{ckpt_dir}: no {WEIGHTS}")
@@ -192,6 +213,10 @@ def load_model(ckpt_dir: str | Path, **overrides: Any) -> GPT:
     except (SafetensorError, OSError) as e:
         raise UserError(f"{weights} cannot be read: {e}") from None
     copy_weights(model, tensors, str(weights))
+    if config.get("lora") and merge:
+        from gpt2lab.lora import merged_copy
+
+        return merged_copy(model)
     return model.eval()
 
 

@@ -177,10 +177,18 @@ class TrainConfig:
     step sums grad_accum = total_batch_size / (batch_size * seq_len * world_size) of them.
     """
 
-    data: str = ""  # a prepared data directory (gpt2lab prepare)
+    data: str = ""  # a prepared data directory (gpt2lab prepare), or a fine-tuning .jsonl (see sft.py)
     out_dir: str = "out"  # checkpoints, metrics.jsonl, loss.png
     preset: str = "gpt2"  # the model preset; fields in `model` override it
-    init_from: str = "scratch"  # "scratch", or a Hugging Face GPT-2 directory / name to start from
+    init_from: str = "scratch"  # "scratch", a gpt2lab checkpoint / run directory, or a HF GPT-2 dir / name
+    method: Literal["full", "lora"] = "full"  # train every weight, or LoRA adapters on a frozen model
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the adapter's update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "c_attn"  # layer names, comma-separated: c_attn, c_proj, c_fc, attn.c_proj, ...
+    merge: bool = False  # LoRA: also write out_dir/merged, a plain checkpoint with the adapter folded in
+    val_data: str | None = None  # .jsonl data: a separate validation file
+    val_fraction: float = 0.0  # .jsonl data without val_data: hold out this fraction of the examples
     seed: int = 1337
     max_steps: int = 5000
     batch_size: int = 12  # micro-batch per process
@@ -243,7 +251,15 @@ class TrainConfig:
             )
         if not 0 <= self.wsd_decay_fraction <= 1:
             raise UserError(f"wsd_decay_fraction must be in [0, 1], got {self.wsd_decay_fraction}")
+        if self.lora_rank <= 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise UserError(
+                f"lora_rank and lora_alpha must be positive and lora_dropout in [0, 1), got "
+                f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}"
+            )
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name, allowed in (
+            ("method", ("full", "lora")),
             ("lr_schedule", ("cosine", "constant", "wsd")),
             ("loader_mode", ("random", "sequential")),
             ("on_nonfinite", ("stop", "skip")),

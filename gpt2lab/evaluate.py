@@ -35,7 +35,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -222,6 +222,35 @@ def evaluate_loss(
         "bits_per_byte": nats / math.log(2) / n_bytes if n_bytes else float("nan"),
         "tokens": int(tokens),
     }
+
+
+def evaluate_batches(
+    model: GPT,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: str | torch.device = "cpu",
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """Mean loss over the counted targets (not IGNORE_INDEX) of (x, y) batches: {"loss", "perplexity",
+    "tokens"}. Each rank passes its share; the sums are all-reduced (fine-tuning's val split)."""
+    device = torch.device(device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # nats, counted tokens
+    with _eval_mode(model):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast or contextlib.nullcontext():
+                logits = model(x)  # (B, T, V)
+            nats = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)),
+                y.view(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            sums += torch.stack([nats.double(), (y != IGNORE_INDEX).sum().double()])
+    nats, tokens = distributed.all_reduce_sum(sums).tolist()
+    if tokens == 0:
+        raise UserError("no counted targets to evaluate")
+    loss = nats / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(tokens)}
 
 
 # --- HellaSwag: reading --------------------------------------------------------------------------

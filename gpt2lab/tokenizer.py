@@ -62,7 +62,12 @@ GPT2_VOCAB_SIZE, GPT2_EOT_ID = 50257, 50256  # GPT-2's encoder.json
 
 
 class Tokenizer(ABC):
-    """text <-> token ids. Every implementation has these members and nothing the others lack."""
+    """text <-> token ids. Every implementation has these members and nothing the others lack.
+
+    Each also has `special_tokens`: {token text: id}, <|endoftext|> included.
+    """
+
+    special_tokens: dict[str, int]
 
     @property
     @abstractmethod
@@ -126,6 +131,10 @@ class BPETokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self.bpe.vocab_size
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return self.bpe.special_tokens
 
     @property
     def eot_id(self) -> int:
@@ -313,6 +322,72 @@ class ByteTokenizer(Tokenizer):
         return write_tokenizer_dir(out_dir, {META: json.dumps(self.to_spec(), indent=2) + "\n"})
 
 
+class AddedTokens(Tokenizer):
+    """A tokenizer plus special tokens appended after its vocabulary (fine-tuning's chat template).
+
+    The spec is the base's spec with "added_tokens": {token: id}, so a checkpoint's tokenizer
+    restores them. Text is never split on an added token unless it is allowed (allowed_special).
+    """
+
+    def __init__(self, base: Tokenizer, added: dict[str, int]):
+        if isinstance(base, AddedTokens):
+            base, added = base.base, {**base.added, **added}
+        clash = [t for t in added if t in base.special_tokens]
+        if clash:
+            raise UserError(f"tokenizer {base.name!r} already has the special token {clash[0]!r}")
+        ids = sorted(added.values())
+        if ids != list(range(base.vocab_size, base.vocab_size + len(ids))):
+            raise UserError(
+                f"added token ids {ids} must follow the vocabulary of {base.vocab_size} contiguously"
+            )
+        self.base, self.added = base, dict(added)
+        self.special_tokens = {**base.special_tokens, **self.added}
+        self._bytes = {i: t.encode("utf-8") for t, i in self.added.items()}
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size + len(self.added)
+
+    @property
+    def eot_id(self) -> int:
+        return self.base.eot_id
+
+    def _encode_base(self, text: str, allowed: set[str]) -> list[int]:
+        return self.base.encode(text, allowed & set(self.base.special_tokens))
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
+        allowed = resolve_allowed(allowed_special, self.special_tokens)
+        mine = allowed & set(self.added)
+        if not mine:
+            return self._encode_base(text, allowed)
+        return split_specials(text, mine, self.added, lambda t: self._encode_base(t, allowed))
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        ids = id_list(ids, self.vocab_size)
+        out, run = [], []
+        for i in ids:
+            if i in self._bytes:
+                out.append(self.base.decode_bytes(run))
+                out.append(self._bytes[i])
+                run = []
+            else:
+                run.append(i)
+        out.append(self.base.decode_bytes(run))
+        return b"".join(out)
+
+    def to_spec(self) -> dict[str, Any]:
+        return {**self.base.to_spec(), "added_tokens": dict(self.added)}
+
+    def save(self, out_dir: str | Path) -> Path:
+        raise UserError(
+            "a tokenizer with added tokens lives in its checkpoint's config.json, not a directory"
+        )
+
+
 # --- GPT-2's vocabulary files
 
 
@@ -460,6 +535,9 @@ def get_tokenizer(
 
 
 def _from_spec(spec: dict[str, Any], backend: str | None, vocab_dir: str | Path | None = None) -> Tokenizer:
+    if spec.get("added_tokens"):
+        base = _from_spec({k: v for k, v in spec.items() if k != "added_tokens"}, backend, vocab_dir)
+        return AddedTokens(base, dict(spec["added_tokens"]))
     kind = spec.get("kind")
     if spec.get("version") != SPEC_VERSION:
         raise UserError(f"tokenizer spec version {spec.get('version')!r}, this gpt2lab reads {SPEC_VERSION}")

@@ -53,11 +53,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (2-D: linear weights, embeddings) only, not biases or LayerNorms."""
+    """AdamW over the parameters that train; weight decay on matrices (2-D: linear weights, embeddings)
+    only, not biases or LayerNorms, nor a matrix of which only some rows train (lora.train_token_rows:
+    decay would move the frozen rows)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p.dim() >= 2 and not hasattr(p, "trainable_rows") for p in params]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p, d in zip(params, decay, strict=True) if d], "weight_decay": cfg.weight_decay},
+        {"params": [p for p, d in zip(params, decay, strict=True) if not d], "weight_decay": 0.0},
     ]
     fused = device.type == "cuda"  # one kernel for all parameters instead of a loop over them
     return torch.optim.AdamW(
@@ -77,6 +80,17 @@ def model_config(cfg: TrainConfig, data_vocab: int) -> GPTConfig:
             f"{model_cfg.vocab_size}"
         )
     return model_cfg
+
+
+def load_init(cfg: TrainConfig) -> tuple[GPT, dict[str, Any] | None]:
+    """The model to start from (cfg.init_from: a gpt2lab checkpoint or run directory, else a Hugging Face
+    GPT-2 directory / name) and its tokenizer spec (None: GPT-2's own); dropout from cfg.model if set."""
+    overrides = {k: v for k, v in cfg.model.items() if k == "dropout"}
+    if ckpt.is_checkpoint(cfg.init_from):
+        return ckpt.load_model(cfg.init_from, **overrides), ckpt.read_config(cfg.init_from).get("tokenizer")
+    from gpt2lab.pretrained import load_pretrained
+
+    return load_pretrained(cfg.init_from, **overrides), None
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -176,12 +190,44 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
     out_dir = Path(cfg.out_dir)
 
-    # --- data -----------------------------------------------------------------------------------
+    # --- data: token shards (`gpt2lab prepare`), or a .jsonl of examples for fine-tuning (sft.py) -----
     if not cfg.data:
-        raise UserError("train needs --data DIR (a directory written by `gpt2lab prepare`)")
-    manifest = read_manifest(cfg.data)
-    model_cfg = model_config(cfg, manifest["vocab_size"])
-    T = cfg.seq_len or model_cfg.block_size
+        raise UserError("train needs --data DIR (written by `gpt2lab prepare`) or --data FILE.jsonl")
+    sft_data = Path(cfg.data).suffix == ".jsonl"
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    added_tokens: dict[str, int] = {}
+    if sft_data:
+        # The examples are tokenized by the starting model's tokenizer, plus the chat template's tokens.
+        from gpt2lab import sft
+        from gpt2lab.tokenizer import get_tokenizer
+
+        if cfg.init_from == "scratch":
+            raise UserError(
+                "fine-tuning on a .jsonl needs a model to start from: --from CKPT or --pretrained"
+            )
+        raw, tokenizer_spec = load_init(cfg)
+        tok, added_tokens = sft.add_template_tokens(
+            raw, get_tokenizer(tokenizer_spec or "gpt2"), cfg.pad_vocab_multiple
+        )
+        tokenizer_spec, model_cfg, data_vocab = tok.to_spec(), raw.config, tok.vocab_size
+        T = cfg.seq_len or model_cfg.block_size
+        examples = sft.load_examples(cfg.data, tok, T + 1, verbose=dist.is_main)
+        if cfg.val_data:
+            train_examples, val_examples = examples, sft.load_examples(cfg.val_data, tok, T + 1, dist.is_main)
+        else:
+            train_examples, val_examples = sft.split_examples(examples, cfg.val_fraction, cfg.seed)
+    else:
+        manifest = read_manifest(cfg.data)
+        tokenizer_spec, data_vocab = manifest["tokenizer"], manifest["vocab_size"]
+        if cfg.init_from == "scratch":
+            model_cfg = model_config(cfg, data_vocab)
+            raw = GPT(model_cfg)
+        else:
+            raw, _ = load_init(cfg)
+            model_cfg = raw.config
+            if model_cfg.vocab_size < data_vocab:
+                raise UserError(f"the data's vocabulary ({data_vocab}) does not fit {cfg.init_from}")
+        T = cfg.seq_len or model_cfg.block_size
     if model_cfg.block_size < T:
         raise UserError(f"seq_len {T} exceeds the model's block_size {model_cfg.block_size}")
     tokens_per_micro = cfg.batch_size * T * dist.world_size
@@ -192,33 +238,40 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             f"x {dist.world_size} processes = {tokens_per_micro}"
         )
     grad_accum = total // tokens_per_micro
-    train_loader = ShardLoader(
-        cfg.data,
-        "train",
-        cfg.batch_size,
-        T,
-        dist.rank,
-        dist.world_size,
-        cfg.loader_mode,
-        cfg.seed,
-        device,
-        grad_accum,
-    )
-    has_val = "val" in manifest["splits"]
-
-    # --- model ----------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    if cfg.init_from == "scratch":
-        raw = GPT(model_cfg)
+    if sft_data:  # rows of one example each, padded to the longest in the batch (at most T tokens)
+        pad_id = tok.eot_id
+        train_loader: Any = sft.SFTLoader(
+            train_examples, cfg.batch_size, pad_id, dist.rank, dist.world_size, cfg.seed, device, grad_accum
+        )
+        has_val = bool(val_examples)
+        data_desc = f"{len(train_examples)} train / {len(val_examples)} val examples from {cfg.data}"
     else:
-        from gpt2lab.pretrained import load_pretrained
+        train_loader = ShardLoader(
+            cfg.data,
+            "train",
+            cfg.batch_size,
+            T,
+            dist.rank,
+            dist.world_size,
+            cfg.loader_mode,
+            cfg.seed,
+            device,
+            grad_accum,
+        )
+        has_val = "val" in manifest["splits"]
+        data_desc = f"data vocab {data_vocab}"
 
-        raw = load_pretrained(cfg.init_from, **{k: v for k, v in cfg.model.items() if k == "dropout"})
-        model_cfg = raw.config
-        if model_cfg.vocab_size < manifest["vocab_size"]:
-            raise UserError(f"the data's vocabulary ({manifest['vocab_size']}) does not fit {cfg.init_from}")
+    # --- model: full training, or LoRA adapters on the frozen model ------------------------------
+    lora_config = None
+    if cfg.method == "lora":
+        from gpt2lab import lora
+
+        lora.apply_lora(raw, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        if added_tokens:  # the template tokens' embeddings are new: they train with the adapters
+            ids = sorted(added_tokens.values())
+            lora.train_token_rows(raw, ids[0], ids[-1] + 1)
+        lora_config = lora.lora_settings(raw)
     raw.to(device).train()
-    tokenizer_spec = manifest["tokenizer"]
     flops_per_token = raw.flops_per_token(T)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = cfg.peak_flops or next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
@@ -235,8 +288,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 if saved["model"].get(k) != v
             ]
             raise UserError(f"cannot resume from {src}: another architecture ({', '.join(diff)})")
+        if saved.get("lora") != lora_config:
+            raise UserError(f"cannot resume from {src}: LoRA settings {saved.get('lora')} vs {lora_config}")
         state = ckpt.load_state(src)
-        ckpt.copy_weights(raw, ckpt.load_model(src).state_dict(), str(src))
+        ckpt.copy_weights(raw, ckpt.load_model(src, merge=False).state_dict(), str(src))
         scaler.load_state_dict(state["scaler"])
         train_loader.load_state_dict(state["loader"])
         step, best_val, bad_evals, skips = (
@@ -298,10 +353,18 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         ckpt.atomic_write(metrics, lambda p: p.write_text("".join(line + "\n" for line in kept)))
     logger = Logger(out_dir, cfg, dist.is_main)
     print0(
-        f"model: {cfg.preset}, {raw.num_params():,} parameters, vocab {model_cfg.vocab_size} "
-        f"(data {manifest['vocab_size']}); device {device}{' ' + gpu if gpu else ''}, "
+        f"model: {cfg.init_from if cfg.init_from != 'scratch' else cfg.preset}, {raw.num_params():,} "
+        f"parameters, vocab {model_cfg.vocab_size} ({data_desc}); device {device}{' ' + gpu if gpu else ''}, "
         f"{dist.world_size} process(es), autocast {amp_dtype or 'off (fp32)'}, compile {cfg.compile}"
     )
+    if added_tokens:
+        print0(f"added tokens {added_tokens} (model vocab {model_cfg.vocab_size})")
+    if lora_config is not None:
+        n_train, n_all = lora.trainable_fraction(raw)
+        print0(
+            f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {', '.join(lora_config['targets'])}: "
+            f"{n_train:,} of {n_all:,} parameters train ({n_train / n_all:.2%})"
+        )
     print0(
         f"batch: {cfg.batch_size} x {T} tokens x {dist.world_size} processes x {grad_accum} accumulation "
         f"= {total:,} tokens/step; {cfg.max_steps} steps"
@@ -334,6 +397,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if not dist.is_main:
             return
         extra = {"train": cfg.to_dict(), "tokenizer": tokenizer_spec, "step": at_step, "best_val": best_val}
+        if lora_config is not None:  # the weights hold the frozen base and the adapters (lora_A, lora_B)
+            extra["lora"] = lora_config
         path = ckpt.save_checkpoint(ckpt.step_dir(out_dir, at_step), raw, extra, state, tensors)
         ckpt.set_pointer(out_dir, ckpt.LATEST, path)
         if is_best:
@@ -353,11 +418,22 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         )
         is_best = False
         if eval_now:
-            from gpt2lab.evaluate import evaluate_loss
+            from gpt2lab.evaluate import evaluate_batches, evaluate_loss
 
-            result = evaluate_loss(
-                raw, cfg.data, "val", cfg.batch_size, T, cfg.eval_tokens or None, device, autocast=autocast()
-            )
+            if sft_data:  # every val example, each once
+                batches = sft.eval_batches(val_examples, cfg.batch_size, pad_id, dist.rank, dist.world_size)
+                result = evaluate_batches(raw, batches, device, autocast=autocast())
+            else:
+                result = evaluate_loss(
+                    raw,
+                    cfg.data,
+                    "val",
+                    cfg.batch_size,
+                    T,
+                    cfg.eval_tokens or None,
+                    device,
+                    autocast=autocast(),
+                )
             raw.train()
             val = result["loss"]
             is_best = val < best_val
@@ -499,9 +575,26 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 f"{fmt_time(elapsed)} | ETA {fmt_time(eta)}"
             )
 
-    # --- the end --------------------------------------------------------------------------------
+    # --- the end: a LoRA run also writes its adapter (and, asked, the merged model) -------------
     for s, handler in previous_handlers.items():
         signal.signal(s, handler)
+    if lora_config is not None and dist.is_main:
+        adapter_extra = {
+            "base": cfg.init_from,
+            "added_tokens": added_tokens,
+            "tokenizer": tokenizer_spec,
+            "step": step,
+        }
+        path = lora.save_adapter(raw, out_dir / "adapter", adapter_extra)
+        size = (path / lora.ADAPTER_WEIGHTS).stat().st_size
+        print0(f"adapter: {path} ({size / 1e6:.2f} MB)")
+        if cfg.merge:
+            merged = ckpt.save_checkpoint(
+                out_dir / "merged",
+                lora.merged_copy(raw),
+                {"train": cfg.to_dict(), "tokenizer": tokenizer_spec, "step": step, "merged_from": str(path)},
+            )
+            print0(f"merged model: {merged} (an ordinary checkpoint: sample, eval, serve, convert)")
     logger.plot()
     logger.close()
     median_ms = statistics.median(step_times) * 1e3 if step_times else math.nan

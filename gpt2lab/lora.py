@@ -1,0 +1,305 @@
+"""LoRA (Hu et al. 2021): low-rank adapters on chosen linear layers of a frozen GPT.
+
+    apply_lora(model, targets=("c_attn",), rank=8, alpha=16)   # in place; returns the model
+    y = W x + b + (alpha / rank) * B A dropout(x)               # A (r, in) random, B (out, r) zeros
+
+A wrapped layer keeps its base weight and bias under the same names (`...attn.c_attn.weight`), frozen,
+and adds `lora_A` / `lora_B` next to them, so checkpoints and Hugging Face names stay recognisable.
+B starts at zero: the adapted model starts as exactly the base model. merge_lora folds B A (scaled)
+into the base weight (inference costs nothing extra); unmerge_lora takes it out again.
+
+An adapter directory holds only what training changed: adapter.safetensors (every lora_A / lora_B,
+and the rows of wte that belong to tokens fine-tuning added, e.g. the chat template's) and
+adapter_config.json (rank, alpha, targets, dropout, those tokens, the base architecture). It loads
+onto a base model of the same architecture only; anything else is a one-line UserError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from gpt2lab.atomic import atomic_write, write_json
+from gpt2lab.config import closest
+from gpt2lab.errors import UserError
+from gpt2lab.model import GPT
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT = "gpt2lab-lora-adapter"
+TARGETABLE = ("c_attn", "c_proj", "c_fc")  # the Linear layers inside blocks; lm_head is wte (tied)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear's weight and bias plus a trainable low-rank update scaled by alpha / rank."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter objects: names and values as before
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=base.weight.dtype))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=base.weight.dtype))  # (out, r)
+        # As the LoRA paper's reference code (and peft): A Kaiming-uniform like nn.Linear, B zero.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """scale * B A: what the adapter adds to the weight, (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def apply_lora(
+    model: GPT,
+    targets: Sequence[str] = ("c_attn",),
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+) -> GPT:
+    """Freeze every parameter and wrap each block Linear whose name ends with a target in a LoRALinear.
+
+    targets: layer names ("c_attn", "c_proj", "c_fc", or qualified: "attn.c_proj", "h.0.mlp.c_fc").
+    The wrappers' A matrices are drawn from torch's global RNG: seed it for the same adapter everywhere.
+    """
+    if isinstance(targets, str):
+        targets = [t for t in targets.replace(",", " ").split() if t]
+    if not targets:
+        raise UserError("LoRA needs at least one target layer (e.g. c_attn)")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise UserError(f"lora rank must be a positive integer, got {rank!r}")
+    if not alpha > 0:
+        raise UserError(f"lora alpha must be positive, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise UserError(f"lora dropout must be in [0, 1), got {dropout!r}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise UserError("the model already has LoRA adapters")
+    linears = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.startswith("transformer.h.")
+    }
+    for target in targets:
+        if not any(_matches(name, target) for name in linears):
+            known = sorted(
+                {n.split(".")[-1] for n in linears} | {".".join(n.split(".")[-2:]) for n in linears}
+            )
+            raise UserError(
+                f"LoRA target {target!r} matches no linear layer{closest(target, known)}; known: "
+                f"{list(TARGETABLE)} (or qualified, e.g. 'attn.c_proj')"
+            )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in linears.items():
+        if any(_matches(name, t) for t in targets):
+            parent_name, _, child = name.rpartition(".")
+            wrapped = LoRALinear(layer, rank, alpha, dropout).to(layer.weight.device)
+            setattr(model.get_submodule(parent_name), child, wrapped)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_settings(model: nn.Module) -> dict[str, Any]:
+    """{"rank", "alpha", "dropout", "targets"} of an adapted model (targets: the wrapped layers' names)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise UserError("the model has no LoRA adapters")
+    first = next(iter(layers.values()))
+    targets = sorted({".".join(name.split(".")[-2:]) for name in layers})
+    return {"rank": first.rank, "alpha": first.alpha, "dropout": first.lora_dropout.p, "targets": targets}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold scale * B A into every adapted layer's base weight: the same function, no adapter cost."""
+    for layer in lora_layers(model).values():
+        if not layer.merged:
+            layer.weight += layer.delta().to(layer.weight.dtype)
+            layer.merged = True
+    return model
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo merge_lora (the base weights come back up to float rounding)."""
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            layer.weight -= layer.delta().to(layer.weight.dtype)
+            layer.merged = False
+    return model
+
+
+def trainable_fraction(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters); a tied matrix counts once."""
+    params = list(model.parameters())  # nn.Module.parameters() yields a shared tensor once
+    trainable = 0
+    for p in params:
+        rows = getattr(p, "trainable_rows", None)
+        if rows is not None:
+            trainable += (rows[1] - rows[0]) * p.shape[1]
+        elif p.requires_grad:
+            trainable += p.numel()
+    return trainable, sum(p.numel() for p in params)
+
+
+def train_token_rows(model: GPT, start: int, end: int) -> None:
+    """Let wte rows [start, end) train while the rest of the frozen embedding stays exactly as it was.
+
+    Tokens that fine-tuning added (the chat template's) have no trained embedding in the base model;
+    with the base frozen they would stay at their initial value. The gradient of the other rows is
+    zeroed, so with no weight decay on this matrix (make_optimizer honours `trainable_rows`) AdamW's
+    update of those rows is exactly 0 (zero moments give 0 / (0 + eps)).
+    """
+    if end <= start:
+        return
+    weight = model.transformer.wte.weight
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    mask[start:end] = 1.0
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * mask)
+    weight.trainable_rows = (start, end)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by parameter name (lora_A, lora_B), on CPU, contiguous."""
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k.endswith((".lora_A", ".lora_B"))
+    }
+
+
+def merged_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's weights with every adapter folded in and the lora tensors left out: a plain GPT's."""
+    layers = lora_layers(model)
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.endswith((".lora_A", ".lora_B")):
+            continue
+        owner = k.rpartition(".")[0]
+        if k.endswith(".weight") and owner in layers and not layers[owner].merged:
+            v = v + layers[owner].delta().detach().to(v.dtype)
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def merged_copy(model: GPT) -> GPT:
+    """A plain GPT (no LoRA modules) computing what the adapted model computes, in eval mode."""
+    from gpt2lab.checkpoint import copy_weights
+
+    plain = GPT(model.config)
+    copy_weights(plain, merged_state_dict(model), "the merged LoRA model")
+    return plain.eval()
+
+
+# --- adapter files ------------------------------------------------------------------------------
+
+ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_inner", "bias", "tie_weights")
+
+
+def save_adapter(model: GPT, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write out_dir/adapter.safetensors + adapter_config.json (each file replaced atomically).
+
+    extra: recorded in the config, e.g. {"base_model": {...GPTConfig before added tokens},
+    "added_tokens": {token: id}, "tokenizer": spec}; added tokens' wte rows are stored as `token_rows`.
+    """
+    from safetensors.torch import save_file
+
+    tensors = lora_state_dict(model)
+    extra = dict(extra or {})
+    added = extra.get("added_tokens") or {}
+    if added:
+        ids = sorted(added.values())
+        tensors["token_rows"] = model.transformer.wte.weight[ids[0] : ids[-1] + 1].detach().cpu().contiguous()
+        extra["token_rows_start"] = ids[0]
+    config = {"format": ADAPTER_FORMAT, "version": 1, **lora_settings(model), "model": model.config.to_dict()}
+    config.update(extra)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_json(out / ADAPTER_CONFIG, config)
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise UserError(f"{adapter_dir} is not a LoRA adapter directory: no {ADAPTER_CONFIG}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
+        raise UserError(f"{path} is not a gpt2lab LoRA adapter config (format is not {ADAPTER_FORMAT!r})")
+    return config
+
+
+def check_architecture(model: GPT, expected: dict[str, Any], source: str) -> None:
+    """UserError naming every architecture field in which the model differs from `expected`."""
+    have = model.config.to_dict()
+    diff = [f"{k} {expected.get(k)!r} vs {have[k]!r}" for k in ARCH_FIELDS if expected.get(k) != have[k]]
+    if diff:
+        raise UserError(f"{source} was trained on another base architecture ({', '.join(diff)})")
+
+
+def load_adapter(model: GPT, adapter_dir: str | Path, merge: bool = True) -> GPT:
+    """Put a saved adapter onto a base model (its added tokens already in place: sft.add_template_tokens),
+    merged into the weights unless merge=False. The base must have the adapter's architecture."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config = read_adapter_config(adapter_dir)
+    check_architecture(model, config["model"], f"adapter {adapter_dir}")
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights} cannot be read: {e}") from None
+    with torch.random.fork_rng(devices=[]):  # A's random init is overwritten: leave the RNG alone
+        apply_lora(model, config["targets"], config["rank"], config["alpha"], config["dropout"])
+    expected = lora_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected) - {"token_rows"})
+    if missing or extra:
+        raise UserError(
+            f"{weights}: tensors do not match the adapter config (missing {missing[:1]}, extra {extra[:1]})"
+        )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in expected:
+            got, want = tuple(tensors[name].shape), tuple(params[name].shape)
+            if got != want:
+                raise UserError(f"{weights}: {name} has shape {got}, expected {want}")
+            params[name].copy_(tensors[name])
+        if "token_rows" in tensors:
+            start = config["token_rows_start"]
+            rows = tensors["token_rows"]
+            model.transformer.wte.weight[start : start + rows.shape[0]] = rows
+    return merge_lora(model) if merge else model
