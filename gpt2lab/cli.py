@@ -9,7 +9,16 @@ import types
 import typing
 from typing import Any
 
-from gpt2lab.config import PRESETS, GPTConfig, PrepareConfig, SampleConfig, TrainConfig, load_recipe
+from gpt2lab.config import (
+    PRESETS,
+    ChatConfig,
+    GPTConfig,
+    PrepareConfig,
+    SampleConfig,
+    TrainConfig,
+    finetune_defaults,
+    load_recipe,
+)
 from gpt2lab.errors import UserError
 
 
@@ -79,6 +88,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     fields.update(config_overrides(args, TrainConfig))
     fields["model"] = {**fields["model"], **config_overrides(args, GPTConfig)}
     run(TrainConfig(**fields))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from gpt2lab.train import run
+
+    fields: dict[str, Any] = {"model": {}, **finetune_defaults(getattr(args, "method", "full"))}
+    fields.update(config_overrides(args, TrainConfig))
+    fields["init_from"] = args.from_ckpt or args.pretrained
+    if args.lora_targets:
+        fields["lora_targets"] = ",".join(args.lora_targets)
+    if args.dropout is not None:
+        fields["model"] = {"dropout": args.dropout}
+    run(TrainConfig(**fields))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from gpt2lab.chat import run
+
+    run(ChatConfig(**config_overrides(args, ChatConfig)))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -198,6 +226,48 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, TrainConfig, "training settings", exclude=("model", "resume"))
     add_config_flags(p, GPTConfig, "model fields (override the recipe's preset)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a checkpoint or OpenAI's GPT-2 on a .jsonl, fully or with LoRA",
+        description="Supervised fine-tuning through the training loop of `train` (checkpoints, --resume, "
+        'logging, val loss, early stopping). --data FILE.jsonl: one {"prompt", "completion"} or '
+        '{"messages": [{"role", "content"}, ...]} object per line; only completions and assistant '
+        "messages count in the loss. The chat template's tokens are added to the vocabulary. LoRA runs also "
+        "write OUT_DIR/adapter (and with --merge OUT_DIR/merged). Every TrainConfig field is a flag.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="from_ckpt", metavar="CKPT", help="gpt2lab checkpoint or run directory")
+    src.add_argument("--pretrained", help="Hugging Face GPT-2 directory, or a hub name (gpt2, ...)")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl", help="the examples")
+    p.add_argument(
+        "--lora-targets", nargs="+", default=None, metavar="NAME", help="layers to adapt (default c_attn)"
+    )
+    p.add_argument("--dropout", type=float, default=None, help="the model's dropout (default: the base's)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=argparse.SUPPRESS,
+        metavar="CKPT",
+        help="resume the latest checkpoint in --out-dir, or the checkpoint CKPT",
+    )
+    add_config_flags(
+        p,
+        TrainConfig,
+        "training settings (fine-tuning defaults: see config.finetune_defaults)",
+        exclude=("model", "resume", "data", "init_from", "lora_targets", "preset"),
+    )
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "chat",
+        help="talk to a fine-tuned model in the terminal",
+        description="One user message per line; the reply streams. /reset starts a new conversation, /quit "
+        "(or end of input) leaves. --adapter DIR puts a LoRA adapter onto the base of --ckpt/--pretrained.",
+    )
+    add_config_flags(p, ChatConfig, "chat")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
         "prepare",

@@ -332,3 +332,41 @@ class SampleConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     compile: bool = False  # CUDA: decode through a captured CUDA graph
+
+
+def finetune_defaults(method: str) -> dict[str, Any]:
+    """`gpt2lab finetune`'s TrainConfig defaults: a short run at a low learning rate, with a val split.
+
+    Learning rates: full fine-tuning moves pretrained weights, so 5e-5 (the order of GPT-2 / BERT
+    fine-tuning); LoRA's adapters start at zero and need more, 5e-4 (the LoRA paper used 2e-4 to 1e-3).
+    """
+    return dict(
+        max_steps=300,
+        learning_rate=5e-4 if method == "lora" else 5e-5,
+        warmup_steps=20,
+        batch_size=8,
+        weight_decay=0.0,
+        eval_interval=50,
+        checkpoint_interval=100,
+        val_fraction=0.05,
+        out_dir="out/finetune",
+    )
+
+
+@dataclass
+class ChatConfig:
+    """`gpt2lab chat`: a fine-tuned model (optionally a LoRA adapter on a base) and how to sample."""
+
+    ckpt: str | None = None  # a gpt2lab checkpoint or run directory
+    pretrained: str | None = None  # or a Hugging Face GPT-2 directory / hub name (with --adapter)
+    adapter: str | None = None  # a LoRA adapter directory (finetune --method lora writes out_dir/adapter)
+    system: str | None = None  # a system message that starts every conversation
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = 0.95
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    gpt2_vocab: str | None = None  # directory with GPT-2's encoder.json + vocab.bpe
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -227,14 +227,14 @@ ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_inn
 def save_adapter(model: GPT, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write out_dir/adapter.safetensors + adapter_config.json (each file replaced atomically).
 
-    extra: recorded in the config, e.g. {"base_model": {...GPTConfig before added tokens},
-    "added_tokens": {token: id}, "tokenizer": spec}; added tokens' wte rows are stored as `token_rows`.
+    extra: recorded in the config, e.g. {"base": source, "template_tokens": {token: id}, "tokenizer": spec};
+    the template tokens' wte rows (they train with the adapters) are stored as `token_rows`.
     """
     from safetensors.torch import save_file
 
     tensors = lora_state_dict(model)
     extra = dict(extra or {})
-    added = extra.get("added_tokens") or {}
+    added = extra.get("template_tokens") or {}
     if added:
         ids = sorted(added.values())
         tensors["token_rows"] = model.transformer.wte.weight[ids[0] : ids[-1] + 1].detach().cpu().contiguous()

@@ -195,7 +195,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise UserError("train needs --data DIR (written by `gpt2lab prepare`) or --data FILE.jsonl")
     sft_data = Path(cfg.data).suffix == ".jsonl"
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    added_tokens: dict[str, int] = {}
+    added_tokens: dict[str, int] = {}  # tokens this run adds to the vocabulary
+    template_tokens: dict[str, int] = {}  # the chat template's tokens and their ids
     if sft_data:
         # The examples are tokenized by the starting model's tokenizer, plus the chat template's tokens.
         from gpt2lab import sft
@@ -210,6 +211,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             raw, get_tokenizer(tokenizer_spec or "gpt2"), cfg.pad_vocab_multiple
         )
         tokenizer_spec, model_cfg, data_vocab = tok.to_spec(), raw.config, tok.vocab_size
+        template_tokens = {t: tok.special_tokens[t] for t in sft.TEMPLATE_TOKENS}
         T = cfg.seq_len or model_cfg.block_size
         examples = sft.load_examples(cfg.data, tok, T + 1, verbose=dist.is_main)
         if cfg.val_data:
@@ -267,8 +269,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         from gpt2lab import lora
 
         lora.apply_lora(raw, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        if added_tokens:  # the template tokens' embeddings are new: they train with the adapters
-            ids = sorted(added_tokens.values())
+        if template_tokens:
+            # The template's tokens are what fine-tuning teaches: their embeddings (new, or never trained
+            # by a base that only had them in its vocabulary) train with the adapters (peft's
+            # trainable_token_indices); the rest of the vocabulary stays frozen.
+            ids = sorted(template_tokens.values())
             lora.train_token_rows(raw, ids[0], ids[-1] + 1)
         lora_config = lora.lora_settings(raw)
     raw.to(device).train()
@@ -581,7 +586,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if lora_config is not None and dist.is_main:
         adapter_extra = {
             "base": cfg.init_from,
-            "added_tokens": added_tokens,
+            "template_tokens": template_tokens,
+            "pad_vocab_multiple": cfg.pad_vocab_multiple,
             "tokenizer": tokenizer_spec,
             "step": step,
         }
