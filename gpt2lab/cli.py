@@ -94,7 +94,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from gpt2lab.train import run
 
     fields: dict[str, Any] = {"model": {}, **finetune_defaults(getattr(args, "method", "full"))}
-    fields.update(config_overrides(args, TrainConfig))
+    fields.update({k: v for k, v in config_overrides(args, TrainConfig).items() if k != "lora_targets"})
     fields["init_from"] = args.from_ckpt or args.pretrained
     if args.lora_targets:
         fields["lora_targets"] = ",".join(args.lora_targets)

@@ -228,7 +228,7 @@ def load_examples(path: str | Path, tok: Tokenizer, max_len: int, verbose: bool 
         examples.append((ids, mask))
     if verbose and cut:
         print(
-            f"warning: {path}: {cut} of {cut + len(examples)} examples are longer than the context "
+            f"warning: {path}: {cut} of {len(examples) + dropped} examples are longer than the context "
             f"({max_len} tokens) and were cut; {dropped} had no response left and were dropped",
             file=sys.stderr,
         )
