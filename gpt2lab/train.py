@@ -371,7 +371,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             f"{n_train:,} of {n_all:,} parameters train ({n_train / n_all:.2%})"
         )
     print0(
-        f"batch: {cfg.batch_size} x {T} tokens x {dist.world_size} processes x {grad_accum} accumulation "
+        f"batch: {cfg.batch_size} x {'up to ' if sft_data else ''}{T} tokens x {dist.world_size} processes "
+        f"x {grad_accum} accumulation "
         f"= {total:,} tokens/step; {cfg.max_steps} steps"
     )
 
@@ -509,8 +510,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
+        step_tokens = 0  # tokens in this step's batches (.jsonl rows are padded to their batch's longest)
         for micro in range(grad_accum):
             x, y = train_loader.next_batch()
+            step_tokens += x.numel() * dist.world_size
             sync = micro == grad_accum - 1  # gradients are reduced across processes on the last micro-step
             if cfg.fsdp and dist.enabled:
                 raw.set_requires_gradient_sync(sync)
@@ -550,12 +553,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         step_times.append(dt)
-        tokens_seen += total
+        tokens_seen += step_tokens
 
         # --- log --------------------------------------------------------------------------------
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             last_log_loss = distributed.all_reduce_mean(loss_sum).item()
-            tok_s = total / dt
+            tok_s = step_tokens / dt
             elapsed = time.perf_counter() - t_start
             eta = (cfg.max_steps - step) * statistics.median(step_times[-50:])
             event = {
