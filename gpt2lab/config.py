@@ -256,6 +256,10 @@ class TrainConfig:
                 f"lora_rank and lora_alpha must be positive and lora_dropout in [0, 1), got "
                 f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}"
             )
+        if self.method == "lora" and self.fsdp:
+            # FSDP2 turns parameters into sharded DTensors: the frozen/trainable split per tensor and the
+            # template-row gradient hook (lora.train_token_rows) are not carried over. Adapters are small.
+            raise UserError("--method lora does not run under --fsdp yet; use DDP (torchrun's default)")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name, allowed in (

@@ -296,3 +296,37 @@ def test_finetune_bad_input(base, tmp_path, capsys):
     assert (
         "has no <|end|> token: the model was not fine-tuned with the chat template" in capsys.readouterr().err
     )
+
+
+@pytest.mark.slow
+def test_lora_finetuning_two_processes_equal_one_with_accumulation(base, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    rng = random.Random(5)
+    data = write_jsonl(tmp_path / "chat.jsonl", [chat_record(word(rng)) for _ in range(100)])
+    args = ["finetune", "--from", str(base), "--data", str(data), "--method", "lora", "--max-steps", "6"]
+    args += ["--batch-size", "4", "--log-interval", "1", "--eval-interval", "3", "--val-fraction", "0.1"]
+    args += ["--learning-rate", "1e-2", "--lora-targets", "c_attn", "c_fc"]
+    assert main([*args, "--out-dir", str(tmp_path / "one"), "--total-batch-size", "192"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*cmd, "-m", "gpt2lab", *args, "--out-dir", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 process(es)" in result.stdout and "x 2 accumulation" not in result.stdout
+
+    def events(d: str) -> list[tuple]:
+        lines = (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        return [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in map(json.loads, lines)]
+
+    one, two = events("one"), events("two")
+    assert [e[0] for e in one] == [e[0] for e in two] and len(one) == 8  # 6 steps + 2 evals
+    for a, b in zip(one, two, strict=True):
+        assert all(x == y or abs(x - y) < 1e-5 for x, y in zip(a[1:], b[1:], strict=True)), (a, b)
