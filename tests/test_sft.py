@@ -191,3 +191,19 @@ def test_template_token_missing_from_the_vocabulary():
         UserError, match=r"template token <\|system\|> has id 13, outside the model's vocabulary of 13"
     ):
         add_template_tokens(GPT(small_config(vocab_size=13)), tok)
+
+
+def test_chat_drops_the_oldest_turns_to_fit_the_context_keeping_the_system_message():
+    from gpt2lab.chat import fit_context
+
+    tok, _ = add_template_tokens(GPT(small_config(vocab_size=20)), char_tok())
+    turns = [{"role": "system", "content": "hh"}]
+    for _ in range(5):
+        turns += [{"role": "user", "content": "abcd"}, {"role": "assistant", "content": "dcba"}]
+    turns.append({"role": "user", "content": "efg"})
+    kept, ids = fit_context(tok, turns, budget=24)
+    assert len(ids) <= 24 and ids == render_chat(tok, kept)
+    assert kept[0] == turns[0] and kept[-1] == turns[-1] and kept == [turns[0], *turns[-len(kept) + 1 :]]
+    assert len(kept) < len(turns)
+    kept, ids = fit_context(tok, turns, budget=1000)
+    assert kept == turns
