@@ -180,10 +180,14 @@ def train_token_rows(model: GPT, start: int, end: int) -> None:
     if end <= start:
         return
     weight = model.transformer.wte.weight
-    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    mask[start:end] = 1.0
+
+    def keep_rows(grad: torch.Tensor) -> torch.Tensor:  # on whatever device the model has moved to
+        kept = torch.zeros_like(grad)
+        kept[start:end] = grad[start:end]
+        return kept
+
     weight.requires_grad_(True)
-    weight.register_hook(lambda grad: grad * mask)
+    weight.register_hook(keep_rows)
     weight.trainable_rows = (start, end)
 
 
