@@ -31,7 +31,11 @@ def _parse_optional(inner: type) -> Any:
 
 
 def add_config_flags(
-    parser: argparse.ArgumentParser, cls: type, group_title: str, exclude: tuple[str, ...] = ()
+    parser: argparse.ArgumentParser,
+    cls: type,
+    group_title: str,
+    exclude: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
 ) -> None:
     """One kebab-case flag per dataclass field (`n_embd` -> `--n-embd`), typed from its annotation.
 
@@ -55,7 +59,11 @@ def add_config_flags(
             kwargs["type"] = hint
         flag = "--" + f.name.replace("_", "-")
         group.add_argument(
-            flag, dest=f.name, default=argparse.SUPPRESS, help=f"default: {f.default!r}", **kwargs
+            flag,
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=f"default: {(defaults or {}).get(f.name, f.default)!r}",
+            **kwargs,
         )
 
 
@@ -255,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(
         p,
         TrainConfig,
-        "training settings (fine-tuning defaults: see config.finetune_defaults)",
+        "training settings (learning rate default: 5e-4 with --method lora)",
         exclude=("model", "resume", "data", "init_from", "lora_targets", "preset"),
+        defaults=finetune_defaults("full"),
     )
     p.set_defaults(func=cmd_finetune)
 
