@@ -5,7 +5,8 @@ The task, generated here: reverse a word of 3-5 letters from "abcdef". The base 
 of 3-7 letters. Fine-tuning then teaches formats the base never saw, so it scores ~0 on them before:
 - LoRA: the chat template, user "abc" -> assistant "cba" (new tokens, new positions);
 - full: "abc=" -> "abc", a different task (copying) under a new separator.
-Exact match is measured by greedy generation on 100 fresh words (1296 + 7776 + 46656 possible).
+Exact match is measured by greedy generation on 100 words that no fine-tuning example contains
+(of the 216 + 1296 + 7776 possible).
 """
 
 from __future__ import annotations
@@ -44,12 +45,20 @@ def chat_record(w: str) -> dict:
     return {"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w[::-1]}]}
 
 
-def exact_match(model: GPT, tok, fmt: str, n: int = 100) -> float:
-    """Greedy answers to n held-out words (a seed no training set used) that are exactly right."""
-    rng = random.Random(12345)
-    right = 0
-    for _ in range(n):
+def held_out(seen: set[str], n: int = 100) -> list[str]:
+    """n distinct words of 3-5 letters that are not in `seen` (the fine-tuning words)."""
+    rng, words = random.Random(12345), []
+    while len(words) < n:
         w = word(rng)
+        if w not in seen and w not in words:
+            words.append(w)
+    return words
+
+
+def exact_match(model: GPT, tok, fmt: str, words: list[str]) -> float:
+    """The fraction of words whose greedy answer is exactly right."""
+    right = 0
+    for w in words:
         if fmt == "chat":
             prompt, stop, answer = (
                 sft.render_chat(tok, [{"role": "user", "content": w}]),
@@ -60,7 +69,7 @@ def exact_match(model: GPT, tok, fmt: str, n: int = 100) -> float:
             prompt, stop, answer = sft.render_prompt(tok, w + "="), tok.eot_id, w
         out = generate(model, prompt, 8, temperature=0, eot_id=stop, vocab_size=tok.vocab_size)
         right += tok.decode([t for t in out if t != stop]) == answer
-    return right / n
+    return right / len(words)
 
 
 def model_and_tok(ckpt: Path):
@@ -88,8 +97,10 @@ def base(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_lora_learns_the_chat_format_and_chat_uses_it(base, tmp_path, capsys):
     rng = random.Random(1)
-    data = write_jsonl(tmp_path / "chat.jsonl", [chat_record(word(rng)) for _ in range(2000)])
-    before = exact_match(*model_and_tok(base), "chat")
+    words = [word(rng) for _ in range(2000)]
+    data = write_jsonl(tmp_path / "chat.jsonl", [chat_record(w) for w in words])
+    test_words = held_out(set(words))
+    before = exact_match(*model_and_tok(base), "chat", test_words)
     out = tmp_path / "lora"
     args = ["finetune", "--from", str(base), "--data", str(data), "--out-dir", str(out), "--method", "lora"]
     args += [
@@ -119,7 +130,7 @@ def test_lora_learns_the_chat_format_and_chat_uses_it(base, tmp_path, capsys):
     assert "1900 train / 100 val examples" in printed and "val loss" in printed
 
     model, tok = model_and_tok(out)  # the run's checkpoint: frozen base + adapters, merged on load
-    after = exact_match(model, tok, "chat")
+    after = exact_match(model, tok, "chat", test_words)
     print(f"LoRA chat reversal exact match: {before:.2f} before, {after:.2f} after")
     assert before <= 0.1 and after >= 0.9
 
@@ -154,13 +165,14 @@ def test_full_finetuning_learns_a_new_task(base, tmp_path):
     data = write_jsonl(
         tmp_path / "copy.jsonl", [{"prompt": (w := word(rng)) + "=", "completion": w} for _ in range(2000)]
     )
-    before = exact_match(*model_and_tok(base), "=")
+    test_words = held_out({json.loads(line)["prompt"][:-1] for line in data.read_text().splitlines()})
+    before = exact_match(*model_and_tok(base), "=", test_words)
     out = tmp_path / "full"
     args = ["finetune", "--from", str(base), "--data", str(data), "--out-dir", str(out), "--method", "full"]
     assert (
         main([*args, "--max-steps", "300", "--learning-rate", "3e-3", "--warmup-steps", "10", *COMMON]) == 0
     )
-    after = exact_match(*model_and_tok(out), "=")
+    after = exact_match(*model_and_tok(out), "=", test_words)
     print(f"full fine-tuning copy exact match: {before:.2f} before, {after:.2f} after")
     assert before <= 0.1 and after >= 0.9
     assert not (out / "adapter").exists()
