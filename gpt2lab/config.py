@@ -34,6 +34,7 @@ class GPTConfig:
     pos_embedding: Literal["learned", "sinusoidal"] = "learned"
     norm_position: Literal["pre", "post"] = "pre"  # pre-LN (GPT-2) or post-LN (Vaswani et al. 2017)
     attn_impl: Literal["sdpa", "explicit"] = "sdpa"  # fused kernel, or softmax(QK^T/sqrt(d))V spelled out
+    activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"  # GPT-2's tanh approximation, or exact erf GELU
     layer_norm_epsilon: float = 1e-5  # GPT-2's value
     init_std: float = 0.02  # GPT-2: weights ~ N(0, 0.02)
 
@@ -61,6 +62,7 @@ class GPTConfig:
             ("pos_embedding", ("learned", "sinusoidal")),
             ("norm_position", ("pre", "post")),
             ("attn_impl", ("sdpa", "explicit")),
+            ("activation", ("gelu_tanh", "gelu")),
         ):
             if getattr(self, name) not in allowed:
                 raise UserError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
