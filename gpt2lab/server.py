@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from gpt2lab.config import GPTConfig, ServeConfig
 from gpt2lab.errors import UserError
-from gpt2lab.generate import KVCache, Sampling, TextDecoder
+from gpt2lab.generate import KVCache, Sampling, TextDecoder, apply_penalties, filter_logits
 
 INSTALL_HINT = 'gpt2lab serve needs FastAPI and uvicorn: pip install -e ".[serve]"'
 
@@ -158,6 +159,46 @@ class _Row:
     generated: int = 0
     last: int = 0  # the newest token: fed to the model at the next step
     finish: str | None = None
+
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of probs (n, V), row i drawn with generators[i] -> (n,) long.
+
+    Inverse-CDF sampling: u ~ U[0, total mass of row i), the token is the first whose cumulative
+    probability exceeds u, so tokens of probability 0 (filtered out) are never drawn. One small
+    draw per row keeps each request's randomness its own whatever else is in the batch.
+    """
+    cdf = probs.cumsum(dim=-1)  # (n, V)
+    u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generators])  # (n,)
+    u = u * cdf[:, -1]
+    return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=probs.size(1) - 1)
+
+
+def choose_rows(logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
+    """The next token of every row from logits (n, V), each with its own request's Sampling.
+
+    Rows with the same settings are sampled together: penalties, temperature, filter_logits and
+    softmax over the group at once (generate.py's functions, the same math as Sampling.choose), then
+    one draw per row from its own generator. Rows already finished get a placeholder 0.
+    """
+    out = [0] * len(rows)
+    groups: dict[Sampling, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.finish is None:
+            groups.setdefault(row.job.sampling, []).append(i)
+    for sampling, idx in groups.items():
+        sel = logits[idx].float()  # (g, V)
+        if sampling.penalised:
+            counts = torch.stack([rows[i].counts for i in idx])  # type: ignore[misc]
+            sel = apply_penalties(sel, counts, sampling.repetition_penalty, sampling.frequency_penalty)
+        if sampling.temperature == 0:
+            tokens = sel.argmax(dim=-1)
+        else:
+            sel = filter_logits(sel / sampling.temperature, sampling.top_k, sampling.top_p)
+            tokens = draw(F.softmax(sel, dim=-1), [rows[i].generator for i in idx])
+        for i, t in zip(idx, tokens.tolist(), strict=True):
+            out[i] = t
+    return out
 
 
 def choice_seed(seed: int, choice: int) -> int:
@@ -321,13 +362,14 @@ class Engine:
         """Sample every row, deliver its text, drop the finished rows, decode the rest -> logits."""
         now = time.monotonic()
         events: dict[int, tuple[Job, list[Event]]] = {}
-        for i, row in enumerate(rows):
-            job = row.job
-            if job.cancelled:
+        for row in rows:
+            if row.job.cancelled:
                 row.finish = "cancelled"
+        chosen = choose_rows(logits, rows)
+        for row, token in zip(rows, chosen, strict=True):
+            job = row.job
+            if row.finish is not None:
                 continue
-            counts = None if row.counts is None else row.counts[None]
-            token = int(job.sampling.choose(logits[i : i + 1], counts, row.generator))
             row.generated += 1
             if row.counts is not None:
                 row.counts[token] += 1

@@ -24,7 +24,7 @@ from gpt2lab.cli import main
 from gpt2lab.config import ServeConfig
 from gpt2lab.errors import UserError
 from gpt2lab.generate import KVCache, Sampling, generate
-from gpt2lab.server import Engine, Event, Job, RowCache, choice_seed, decode_rows
+from gpt2lab.server import Engine, Event, Job, RowCache, choice_seed, decode_rows, draw
 from gpt2lab.tokenizer import ByteTokenizer
 
 KEY = "sk-test-key"
@@ -113,6 +113,25 @@ def test_decode_rows_matches_the_uncached_model(pos_embedding):
         for b, s in enumerate(seqs):
             ref = model(torch.tensor([s]))[0, -1]
             torch.testing.assert_close(got[b], ref, atol=1e-5, rtol=0)
+
+
+def test_draw_follows_the_probabilities_and_never_picks_a_filtered_token():
+    """Each row's draws, with its own generator, have the row's distribution (4-sigma bounds)."""
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.1, 0.2, 0.3, 0.4, 0.0]])
+    probs[2] *= 0.999  # softmax output need not sum to exactly 1
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    n = 4000
+    counts = torch.zeros(3, 5)
+    for _ in range(n):
+        t = draw(probs, gens)
+        counts[torch.arange(3), t] += 1
+    expected = probs / probs.sum(-1, keepdim=True)
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert ((counts / n - expected).abs() <= 4 * sigma + 1e-9).all(), counts
+    assert counts[0, 1] == counts[0, 4] == 0 and counts[1, 4] == n and counts[2, 4] == 0
+    again = [torch.Generator().manual_seed(i) for i in range(3)]
+    first = draw(probs, again)
+    assert first.tolist() == draw(probs, [torch.Generator().manual_seed(i) for i in range(3)]).tolist()
 
 
 def test_engine_greedy_equals_generate_with_requests_joining_and_leaving():
