@@ -167,11 +167,13 @@ async def load(url: str, clients: int, duration: float, max_tokens: int) -> tupl
 
 
 def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
-def screenshot(url: str, path: Path, prompt: str) -> None:
+def screenshot(url: str, path: Path, prompt: str, max_tokens: int) -> None:
     """The playground in headless Chromium after one generation (the docs' picture)."""
     from playwright.sync_api import sync_playwright
 
@@ -184,12 +186,13 @@ def screenshot(url: str, path: Path, prompt: str) -> None:
         page.fill("#prompt", prompt)
         page.fill("#seed", "1")
         page.eval_on_selector(
-            "#max_tokens", "el => { el.value = '200'; el.dispatchEvent(new Event('input')); }"
+            "#max_tokens", f"el => {{ el.value = '{max_tokens}'; el.dispatchEvent(new Event('input')); }}"
         )
         page.click("#generate")
-        page.wait_for_function(
-            "document.getElementById('status').textContent.startsWith('done')", timeout=60_000
-        )
+        page.wait_for_function("!document.getElementById('status').textContent.startsWith('generating')")
+        status = page.text_content("#status")
+        if not status.startswith("done"):
+            raise SystemExit(f"playground: {status}")
         path.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(path))
         browser.close()
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modes", default="batched,sequential", help="batched, sequential (max batch 1)")
     ap.add_argument("--screenshot", default=None, metavar="PNG", help="also save a playground screenshot")
     ap.add_argument("--screenshot-prompt", default="ROMEO:")
+    ap.add_argument("--screenshot-tokens", type=int, default=200, help="max tokens of the screenshot's run")
     args = ap.parse_args(argv)
 
     tmp = tempfile.TemporaryDirectory()
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         with ServerProcess(ckpt, batch_of[mode], args.max_tokens) as server:
             results, wall = asyncio.run(load(server.url, args.clients, args.duration, args.max_tokens))
             if args.screenshot and mode == "batched":
-                screenshot(server.url, Path(args.screenshot), args.screenshot_prompt)
+                screenshot(server.url, Path(args.screenshot), args.screenshot_prompt, args.screenshot_tokens)
         ok = [r for r in results if "latency" in r]
         errors = [r["error"] for r in results if "error" in r]
         tokens = sum(r["tokens"] for r in ok)
