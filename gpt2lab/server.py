@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from gpt2lab.config import GPTConfig, ServeConfig
+from gpt2lab.config import GPTConfig, SampleConfig, ServeConfig
 from gpt2lab.errors import UserError
 from gpt2lab.generate import KVCache, Sampling, TextDecoder, apply_penalties, filter_logits
 
@@ -223,7 +223,7 @@ class Engine:
         max_batch_size: int = 16,
         max_queue: int = 64,
     ):
-        self.model = model
+        self.model = model.eval()
         self.decode_bytes = decode_bytes
         self.vocab_size = min(vocab_size, model.config.vocab_size)
         self.max_batch_size = max_batch_size
@@ -656,17 +656,10 @@ def load(cfg: ServeConfig) -> tuple[Any, Any]:
     vocab = cfg.gpt2_vocab
     if vocab is None and cfg.pretrained is not None and Path(cfg.pretrained).is_dir():
         vocab = cfg.pretrained if _gpt2_pair(Path(cfg.pretrained)) else None
-    sample_cfg = _SampleLike(cfg.ckpt, cfg.pretrained, vocab, cfg.device, cfg.dtype)
-    return load_for_sampling(sample_cfg)  # type: ignore[arg-type]
-
-
-@dataclass
-class _SampleLike:  # the fields of SampleConfig that load_for_sampling reads
-    ckpt: str | None
-    pretrained: str | None
-    gpt2_vocab: str | None
-    device: str
-    dtype: str
+    sample = SampleConfig(
+        ckpt=cfg.ckpt, pretrained=cfg.pretrained, gpt2_vocab=vocab, device=cfg.device, dtype=cfg.dtype
+    )
+    return load_for_sampling(sample)
 
 
 def _static_page() -> str:

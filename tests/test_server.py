@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -454,6 +456,43 @@ def test_request_timeout_ends_the_request_with_finish_length(ckpt):
     assert r.json()["usage"]["completion_tokens"] < 100 and elapsed < 1.5
 
 
+@pytest.mark.slow
+def test_the_serve_command_answers_with_its_api_key(ckpt):
+    """`python -m gpt2lab serve --ckpt DIR --host 127.0.0.1 --port P --api-key KEY`, as a user runs it."""
+    httpx = pytest.importorskip("httpx")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "gpt2lab", "serve", "--ckpt", str(ckpt), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--api-key", KEY, "--device", "cpu"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "gpt2lab serve did not answer /health in 60 s"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"model": "tiny-bytes", "prompt": "The ", "max_tokens": 8, "temperature": 0}
+        assert httpx.post(url + "/v1/completions", json=body).status_code == 401
+        r = httpx.post(url + "/v1/completions", json=body, headers=auth(), timeout=30)
+        assert r.status_code == 200 and r.json()["usage"] == {
+            "prompt_tokens": 4,
+            "completion_tokens": r.json()["usage"]["completion_tokens"],
+            "total_tokens": 4 + r.json()["usage"]["completion_tokens"],
+        }
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "tiny-bytes" in out and "API key required" in out
+
+
 def test_serve_refuses_a_public_host_without_an_api_key(ckpt, capsys, monkeypatch):
     monkeypatch.delenv("GPT2LAB_API_KEY", raising=False)
     code = main(["serve", "--ckpt", str(ckpt), "--host", "0.0.0.0", "--port", "1"])
@@ -462,7 +501,7 @@ def test_serve_refuses_a_public_host_without_an_api_key(ckpt, capsys, monkeypatc
 
 
 def test_missing_serve_extra_is_a_one_line_install_hint(ckpt, capsys, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
     code = main(["serve", "--ckpt", str(ckpt)])
     err = capsys.readouterr().err
     assert code == 2 and 'pip install -e ".[serve]"' in err and err.count("\n") == 1
