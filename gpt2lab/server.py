@@ -300,9 +300,8 @@ class Engine:
                         logits = torch.cat([logits, self._prefill(job, rows)])
                     if rows:
                         logits = self._step(rows, logits)
-            except (
-                Exception
-            ) as e:  # a failed forward (out of memory, ...) ends these requests, not the server
+            except Exception as e:
+                # a failed forward (out of memory, ...) ends the requests in it, not the server
                 msg = f"generation failed: {type(e).__name__}: {e}"
                 for job in {id(j): j for j in [r.job for r in rows] + admitted}.values():
                     job.deliver([Event(job.first_choice, msg, "error")])
@@ -310,8 +309,8 @@ class Engine:
                 logits = logits[:0]
             with self._cond:
                 self._active = len(rows)
-        for job in [r.job for r in rows] + list(self._waiting):
-            job.deliver([Event(job.first_choice, "the server is shutting down", "error")])
+        for job in {id(j): j for j in [r.job for r in rows] + list(self._waiting)}.values():
+            job.deliver([Event(job.first_choice, "the server is shutting down", "error", status=503)])
 
     def _admit(self, used: int) -> list[Job]:
         """Pop the waiting jobs (in order) that fit in the free rows; drop cancelled or expired ones."""
@@ -398,7 +397,6 @@ class Engine:
             if i != last:
                 self.cache.move(last, i, rows[last].length)
                 rows[i] = rows[last]
-                logits[i] = logits[last]
             rows.pop()
         if not rows:
             return logits[:0]
