@@ -424,6 +424,20 @@ def test_context_and_route_errors_name_the_problem(server):
     assert httpx.get(server.url + "/").status_code == 200  # the playground page itself is public
 
 
+def test_fastapi_validation_errors_become_openai_style_400(server):
+    """A typed parameter FastAPI itself rejects (its default is a 422 with its own body) -> our 400."""
+    httpx = pytest.importorskip("httpx")
+
+    @server.app.get("/typed-probe")
+    def probe(count: int) -> dict:
+        return {"count": count}
+
+    assert httpx.get(server.url + "/typed-probe?count=3").json() == {"count": 3}
+    r = httpx.get(server.url + "/typed-probe?count=many")
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["param"] == "count"
+
+
 def test_full_queue_is_503_with_retry_after_and_too_many_streams_429(ckpt):
     httpx = pytest.importorskip("httpx")
     cfg = serve_cfg(ckpt, max_batch_size=1, max_n=1, max_queue=0, max_streams=1)
