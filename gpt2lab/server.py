@@ -459,6 +459,7 @@ KNOWN_FIELDS = {
     "user", "logit_bias",
 }  # fmt: skip
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is still there
 
 
 def _is_int(x: Any) -> bool:
@@ -885,15 +886,18 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
             )
 
         texts, finishes, tokens = [""] * total, [None] * total, [0] * total
-        done = 0
+        done, check = 0, time.monotonic() + DISCONNECT_POLL_S
         try:
             while done < total:
                 try:
-                    events = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    wait = max(0.01, check - time.monotonic())
+                    events = await asyncio.wait_for(queue.get(), timeout=wait)
                 except asyncio.TimeoutError:
+                    events = []
+                if time.monotonic() >= check:  # on a clock, not when idle: text arrives every step
                     if await request.is_disconnected():
                         return None
-                    continue
+                    check = time.monotonic() + DISCONNECT_POLL_S
                 for ev in events:
                     if ev.finish == "error":
                         retry = {"Retry-After": "1"} if ev.status == 503 else None

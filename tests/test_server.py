@@ -368,6 +368,27 @@ def test_disconnected_stream_frees_its_row_at_once(server):
         del server.engine._step  # back to the class's method
 
 
+def test_disconnected_non_streamed_request_frees_its_row(server):
+    """A client that gives up on a non-streamed request: the server notices within its 0.5 s poll."""
+    httpx = pytest.importorskip("httpx")
+    server.slow_down(0.02)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                server.url + "/v1/completions",
+                json={"prompt": "x", "max_tokens": 100},
+                headers=auth(),
+                timeout=0.3,
+            )
+        assert server.engine.active == 1  # still decoding: 100 tokens take >= 2 s
+        t0 = time.monotonic()
+        while server.engine.active and time.monotonic() - t0 < 3:
+            time.sleep(0.02)
+        assert server.engine.active == 0 and time.monotonic() - t0 < 1.6
+    finally:
+        del server.engine._step
+
+
 def auth(key: str = KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
