@@ -814,6 +814,13 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
                     deadline,
                 )
             )
+        rows = len(req.prompts) * req.n
+        if rows > cfg.max_batch_size + cfg.max_queue:  # would be refused however long the client waits
+            raise _bad(
+                f"this request needs {rows} sequences ({len(req.prompts)} prompts x n {req.n}); the server "
+                f"holds at most {cfg.max_batch_size + cfg.max_queue} (batch + queue)",
+                "n",
+            )
         try:
             engine.submit(jobs)
         except QueueFull as e:

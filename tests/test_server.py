@@ -471,6 +471,8 @@ def test_full_queue_is_503_with_retry_after_and_too_many_streams_429(ckpt):
             r = h.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 5})
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] == "server_error"
+            r = h.post(s.url + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 5})
+            assert r.status_code == 400 and "needs 2 sequences" in r.json()["error"]["message"]
             r = h.post(s.url + "/v1/completions", json={**body, "max_tokens": 5})
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
         deadline = time.monotonic() + 3
