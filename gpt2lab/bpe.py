@@ -22,7 +22,6 @@ import json
 import operator
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpt2lab.errors import UserError
+from gpt2lab.progress import Progress
 
 # GPT-2's pre-tokenization regex (openai/gpt-2 src/encoder.py), with the contractions grouped as
 # tiktoken writes it; the two spellings match the same strings.
@@ -596,33 +596,6 @@ def count_pretokens(
     return out
 
 
-class _Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, a line per 10% in a log file."""
-
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.start = self.last = time.perf_counter()
-        self.next_decile = 1
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        frac = done / max(1, self.total)
-        if self.tty and (now - self.last > 0.1 or done == self.total):
-            self.last = now
-            line = f"\r{self.label} [{'#' * int(30 * frac):<30}] {done}/{self.total} {now - self.start:.1f}s"
-            print(line, end="", file=sys.stderr, flush=True)
-        elif not self.tty and frac * 10 >= self.next_decile:
-            self.next_decile = int(frac * 10) + 1
-            print(f"{self.label}: {done}/{self.total} {now - self.start:.1f}s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr, flush=True)
-
-
 def train(
     corpus: str | Path | Iterable[str],
     vocab_size: int,
@@ -674,7 +647,7 @@ def train(
     heapq.heapify(heap)
 
     token_bytes = [bytes([b]) for b in range(256)]
-    bar = _Progress(n_merges, "bpe train", progress)
+    bar = Progress("bpe train", n_merges, progress)
     merges = 0
     merge_list: list[tuple[int, int]] = []
     while merges < n_merges:

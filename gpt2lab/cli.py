@@ -181,6 +181,33 @@ def cmd_sample(args: argparse.Namespace) -> None:
     run(SampleConfig(**config_overrides(args, SampleConfig)))
 
 
+# --- serve -----------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from gpt2lab.config import ServeConfig
+    from gpt2lab.server import run
+
+    run(ServeConfig(**config_overrides(args, ServeConfig)))
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    from gpt2lab.config import ServeConfig
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API, with a web playground",
+        description="One of --ckpt DIR or --pretrained NAME_OR_DIR. POST /v1/completions, GET /v1/models, "
+        "GET /health, and the playground at /. Binds 127.0.0.1 by default; another --host needs --api-key "
+        '(or $GPT2LAB_API_KEY). Needs the serve extra: pip install -e ".[serve]".',
+    )
+    add_config_flags(p, ServeConfig, "serving")
+    p.set_defaults(func=cmd_serve)
+
+
+# --- end serve -------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2lab", description="GPT-2 from scratch: train, evaluate, sample, serve, fine-tune."
@@ -379,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flags(p, SampleConfig, "sampling")
     p.set_defaults(func=cmd_sample)
+
+    add_serve_parser(sub)
     return parser
 
 

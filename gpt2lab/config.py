@@ -34,6 +34,7 @@ class GPTConfig:
     pos_embedding: Literal["learned", "sinusoidal"] = "learned"
     norm_position: Literal["pre", "post"] = "pre"  # pre-LN (GPT-2) or post-LN (Vaswani et al. 2017)
     attn_impl: Literal["sdpa", "explicit"] = "sdpa"  # fused kernel, or softmax(QK^T/sqrt(d))V spelled out
+    activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"  # GPT-2's tanh approximation, or exact erf GELU
     layer_norm_epsilon: float = 1e-5  # GPT-2's value
     init_std: float = 0.02  # GPT-2: weights ~ N(0, 0.02)
 
@@ -61,6 +62,7 @@ class GPTConfig:
             ("pos_embedding", ("learned", "sinusoidal")),
             ("norm_position", ("pre", "post")),
             ("attn_impl", ("sdpa", "explicit")),
+            ("activation", ("gelu_tanh", "gelu")),
         ):
             if getattr(self, name) not in allowed:
                 raise UserError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -374,3 +376,52 @@ class ChatConfig:
     gpt2_vocab: str | None = None  # directory with GPT-2's encoder.json + vocab.bpe
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+# --- serving (gpt2lab serve) --------------------------------------------------------------------
+
+
+@dataclass
+class ServeConfig:
+    """`gpt2lab serve`: the model to load, where to listen, and the limits that protect the server."""
+
+    ckpt: str | None = None  # a gpt2lab checkpoint directory (or a run directory: its latest)
+    pretrained: str | None = None  # a Hugging Face GPT-2 directory, or a hub name (gpt2, ...)
+    host: str = "127.0.0.1"  # loopback only by default; any other address needs an API key
+    port: int = 8000
+    api_key: str | None = None  # clients must send `Authorization: Bearer KEY` (else $GPT2LAB_API_KEY)
+    model_name: str | None = None  # the id /v1/models reports (default: the checkpoint's folder name)
+    gpt2_vocab: str | None = None  # directory with GPT-2's encoder.json + vocab.bpe
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch_size: int = 16  # sequences decoded together in one forward (1 = one at a time)
+    max_queue: int = 64  # sequences that may wait for a batch slot; beyond: 503 + Retry-After
+    max_tokens: int = 1024  # the most new tokens one request may ask for (also capped by the context)
+    max_prompt_tokens: int | None = None  # default: the model's context block_size - 1
+    max_n: int = 8  # completions per prompt (n); at most max_batch_size
+    max_prompts: int = 16  # prompts in one request (a list prompt)
+    max_streams: int = 64  # concurrent streaming responses; beyond: 429 + Retry-After
+    max_body_bytes: int = 1_000_000  # request bodies above this get 413
+    request_timeout_s: float = 300.0  # a request still running then ends (finish_reason "length")
+
+    def __post_init__(self) -> None:
+        if (self.ckpt is None) == (self.pretrained is None):
+            raise UserError("give exactly one of --ckpt DIR or --pretrained NAME_OR_DIR")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be in [0, 65535], got {self.port}")
+        positive = ("max_batch_size", "max_tokens", "max_n", "max_prompts", "max_streams", "max_body_bytes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}"
+                )
+        if self.max_queue < 0:
+            raise UserError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise UserError(f"--max-prompt-tokens must be a positive integer, got {self.max_prompt_tokens}")
+        if not self.request_timeout_s > 0:
+            raise UserError(f"--request-timeout-s must be > 0, got {self.request_timeout_s}")
+        if self.max_n > self.max_batch_size:  # the n rows of one prompt decode in one batch
+            raise UserError(f"--max-n {self.max_n} exceeds --max-batch-size {self.max_batch_size}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("--api-key must not be empty")

@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import re
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from gpt2lab import distributed
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, IGNORE_INDEX
+from gpt2lab.progress import Progress
 
 # The official validation file, and its size and SHA-256 as recorded by the Git LFS pointer of a
 # copy (liujch1998/rainier data/hellaswag/hellaswag_val.jsonl; see ../shared/data/SOURCES.md).
@@ -65,25 +65,6 @@ def _eval_mode(model: torch.nn.Module):
             yield
     finally:
         model.train(was_training)
-
-
-class _Progress:
-    """`label 120/1000 (12.3/s)` rewritten in place on stderr."""
-
-    def __init__(self, label: str, total: int, enabled: bool):
-        self.label, self.total, self.enabled = label, total, enabled and total > 0
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if self.enabled and (now - self.last > 0.5 or done == self.total):
-            self.last = now
-            rate = done / max(now - self.t0, 1e-9)
-            print(f"\r{self.label} {done}/{self.total} ({rate:.1f}/s)", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr, flush=True)
 
 
 def _check_vocab(tok: Any, model: GPT, what: str) -> None:
@@ -459,7 +440,7 @@ def hellaswag(
     items = [(ex, _rows(tok, ex)) for ex in mine]
     # Longest first, so that each batch holds rows of similar length: little padding is computed.
     items.sort(key=lambda item: -max(len(ids) for ids, _ in item[1]))
-    bar = _Progress("hellaswag", len(mine), progress and rank == 0)
+    bar = Progress("hellaswag", len(mine), progress and rank == 0)
     predictions = []
     with _eval_mode(model):
         for b in range(0, len(mine), batch_size):

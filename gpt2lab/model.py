@@ -78,7 +78,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.mlp_size, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation of GELU
+        # GPT-2 used the tanh approximation of GELU; exact GELU (erf) is what nanoGPT-style models use.
+        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(config.mlp_size, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

@@ -29,6 +29,7 @@ HUB_NAMES = {  # OpenAI's four GPT-2 sizes on the Hugging Face hub
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older files carry; not weights
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # transformers' names for GPT-2's tanh-approximated GELU
+EXACT_GELU = ("gelu",)  # transformers' name for the exact (erf) GELU
 
 
 def config_from_hf(hf: dict[str, Any], source: str, **overrides: Any) -> GPTConfig:
@@ -36,8 +37,8 @@ def config_from_hf(hf: dict[str, Any], source: str, **overrides: Any) -> GPTConf
     if hf.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{source}: model_type is {hf.get('model_type')!r}, not 'gpt2'")
     act = hf.get("activation_function", "gelu_new")
-    if act not in TANH_GELU:
-        raise UserError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU {TANH_GELU}")
+    if act not in TANH_GELU + EXACT_GELU:
+        raise UserError(f"{source}: activation_function {act!r} is not a GELU {TANH_GELU + EXACT_GELU}")
     if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
         raise UserError(f"{source}: attention scaling differs from GPT-2's 1/sqrt(head_size)")
     try:
@@ -54,6 +55,7 @@ def config_from_hf(hf: dict[str, Any], source: str, **overrides: Any) -> GPTConf
         n_inner=hf.get("n_inner"),
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
         tie_weights=hf.get("tie_word_embeddings", True),
+        activation="gelu" if act in EXACT_GELU else "gelu_tanh",
         dropout=0.0,  # a loaded model is for evaluation or fine-tuning; ask for dropout explicitly
     )
     return GPTConfig.from_dict({**fields, **overrides})
@@ -71,7 +73,7 @@ def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": cfg.n_inner,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu" if cfg.activation == "gelu" else "gelu_new",
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import struct
-import sys
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -27,6 +26,7 @@ import numpy as np
 from gpt2lab.atomic import atomic_write, remove_stale_temporaries, write_json
 from gpt2lab.config import PrepareConfig
 from gpt2lab.errors import UserError
+from gpt2lab.progress import Progress
 from gpt2lab.sources import Corpus, ReplacementCounter, open_corpus
 
 MAGIC = b"GPT2LABS"
@@ -201,33 +201,6 @@ def tokenized(docs: Iterator[str], tok: Any, pool: Any) -> Iterator[tuple[int, n
         yield from zip(lengths, result.get(), strict=True)
 
 
-class Progress:
-    """One status line on stderr, rewritten at most twice a second: documents, tokens, MB/s."""
-
-    def __init__(self, label: str, enabled: bool = True):
-        self.label, self.enabled = label, enabled and sys.stderr.isatty()
-        self.docs = self.tokens = self.chars = 0
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, chars: int, tokens: int) -> None:
-        self.docs, self.tokens, self.chars = self.docs + 1, self.tokens + tokens, self.chars + chars
-        now = time.perf_counter()
-        if self.enabled and now - self.last > 0.5:
-            self.last = now
-            print(f"\r{self.line()}", end="", file=sys.stderr, flush=True)
-
-    def line(self) -> str:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        return (
-            f"{self.label}: {self.docs:,} docs, {self.tokens:,} tokens, "
-            f"{self.chars / dt / 1e6:.1f} MB/s, {self.tokens / dt / 1e3:.0f}K tok/s"
-        )
-
-    def close(self) -> None:
-        if self.enabled:
-            print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
-
-
 # --- prepare ------------------------------------------------------------------------------------
 
 
@@ -324,7 +297,12 @@ def _write_split(
     out = prefix.parent
     cap = cfg.max_tokens if split == "train" else None
     buffer = np.empty(cfg.shard_tokens, dtype=token_dtype(tok.vocab_size))
-    fill, progress = 0, Progress(f"{prefix.name} {split}")
+    fill, progress, t0 = 0, Progress(f"{prefix.name} {split} docs"), time.perf_counter()
+    n_docs = n_tokens = n_chars = 0
+
+    def throughput() -> str:
+        dt = max(time.perf_counter() - t0, 1e-9)
+        return f"{n_tokens:,} tokens, {n_chars / dt / 1e6:.1f} MB/s, {n_tokens / dt / 1e3:.0f}K tok/s"
 
     def flush(n: int) -> None:
         shard = f"{prefix.name}_{split}_{len(st['shards']):06d}.bin"
@@ -337,7 +315,8 @@ def _write_split(
     ReplacementCounter.count = 0
     base = st["docs_done"]
     for i, (chars, toks) in enumerate(tokenized(islice(stream(), base, None), tok, pool)):
-        progress.update(chars, len(toks))
+        n_docs, n_tokens, n_chars = n_docs + 1, n_tokens + len(toks), n_chars + chars
+        progress.update(n_docs, throughput())
         skip = st["skip"] if i == 0 else 0  # tokens of this document already in the last shard
         if skip == 0:
             st["documents"] += 1
@@ -364,7 +343,7 @@ def _write_split(
     st["done"] = True
     state["replaced"] = max(state.get("replaced", 0), ReplacementCounter.count)
     write_json(out / STATE, state)
-    log(progress.line().replace(": ", f": {len(st['shards'])} shard(s), ", 1))
+    log(f"{prefix.name} {split}: {len(st['shards'])} shard(s), {n_docs:,} docs, {throughput()}")
 
 
 def _check_same(previous: dict[str, Any], settings: dict[str, Any], out: Path) -> None:

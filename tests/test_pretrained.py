@@ -55,8 +55,15 @@ def test_gpt2_124m_logits_equal_transformers_both_ways(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, dict(bias=False), dict(tie_weights=False), dict(n_inner=80), dict(layer_norm_epsilon=1e-3)],
-    ids=["gpt2-style", "no-bias", "untied", "n_inner", "eps"],
+    [
+        {},
+        dict(bias=False),
+        dict(tie_weights=False),
+        dict(n_inner=80),
+        dict(layer_norm_epsilon=1e-3),
+        dict(activation="gelu"),
+    ],
+    ids=["gpt2-style", "no-bias", "untied", "n_inner", "eps", "exact-gelu"],
 )
 def test_small_model_exports_to_the_same_function(tmp_path, overrides):
     ours = randomized(GPT(small_config(**overrides)))
@@ -130,7 +137,7 @@ def test_unreadable_or_foreign_files_are_clear_errors(tmp_path):
         GPT.from_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
-    with pytest.raises(UserError, match="activation_function 'relu' is not GPT-2's tanh GELU"):
+    with pytest.raises(UserError, match="activation_function 'relu' is not a GELU"):
         GPT.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="config.json is not valid JSON"):
@@ -174,3 +181,15 @@ def test_convert_both_directions(tmp_path):
         assert torch.equal(hf_logits(tmp_path / "hf2", idx), hf(idx).logits)
     with pytest.raises(UserError, match="exactly one of"):
         convert(tmp_path / "x")
+
+
+def test_exact_gelu_is_a_different_function_that_round_trips_by_name(tmp_path):
+    """activation="gelu" is the erf GELU, exported as transformers' "gelu" (GPT-2's is the tanh one)."""
+    ours = randomized(GPT(small_config(activation="gelu")))
+    x = torch.linspace(-4, 4, 801)
+    gelu = ours.transformer.h[0].mlp.gelu
+    assert torch.equal(gelu(x), torch.nn.functional.gelu(x))
+    assert (gelu(x) - GPT(small_config()).transformer.h[0].mlp.gelu(x)).abs().max().item() > 1e-4
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["activation_function"] == "gelu"
+    assert GPT.from_pretrained(tmp_path).config.activation == "gelu"
