@@ -387,6 +387,7 @@ class ServeConfig:
 
     ckpt: str | None = None  # a gpt2lab checkpoint directory (or a run directory: its latest)
     pretrained: str | None = None  # a Hugging Face GPT-2 directory, or a hub name (gpt2, ...)
+    adapter: str | None = None  # a LoRA adapter directory (gpt2lab finetune --method lora) put onto the model
     host: str = "127.0.0.1"  # loopback only by default; any other address needs an API key
     port: int = 8000
     api_key: str | None = None  # clients must send `Authorization: Bearer KEY` (else $GPT2LAB_API_KEY)

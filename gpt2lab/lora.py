@@ -225,7 +225,10 @@ def merged_copy(model: GPT) -> GPT:
 
 # --- adapter files ------------------------------------------------------------------------------
 
-ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_inner", "bias", "tie_weights")
+ARCH_FIELDS = (
+    "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_inner", "bias", "tie_weights",
+    "pos_embedding", "norm_position", "activation",
+)  # fmt: skip
 
 
 def save_adapter(model: GPT, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:

@@ -627,6 +627,57 @@ def _parse_prompts(body: dict[str, Any], cfg: ServeConfig, tokenizer: Any) -> li
     return prompts
 
 
+CHAT_ONLY_FIELDS = {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
+CHAT_FIELDS = (KNOWN_FIELDS - {"prompt", "echo", "best_of", "suffix"}) | CHAT_ONLY_FIELDS
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    """OpenAI's messages, normalised for sft.render_chat: content given as a list of text parts is
+    joined, and the "developer" role (OpenAI's newer name for system) is the system role."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{k}] must be an object with role and content", f"messages[{k}]")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise _bad(f"messages[{k}].content: only text parts are supported", f"messages[{k}]")
+            content = "".join(str(p.get("text", "")) for p in content)
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        out.append({**m, "role": role, "content": content})
+    return out
+
+
+def parse_chat(body: Any, cfg: ServeConfig, model_name: str, tokenizer: Any, block_size: int) -> Completion:
+    """Check a /v1/chat/completions body: the messages rendered in the chat template (sft.py) become
+    the prompt, then the fields it shares with /v1/completions are checked as there."""
+    from gpt2lab import sft
+
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    unknown = sorted(set(body) - CHAT_FIELDS)
+    if unknown:
+        raise _bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+        raise _bad("logprobs are not supported by this server", "logprobs", "unsupported_parameter")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise _bad("only text responses are supported", "response_format", "unsupported_parameter")
+    try:
+        ids = sft.render_chat(tokenizer, chat_messages(body))
+    except UserError as e:  # a malformed message, or a model without the chat template's tokens
+        raise _bad(str(e), "messages") from None
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:  # OpenAI's chat default: as much as the context leaves (within our limit)
+        max_tokens = max(1, min(cfg.max_tokens, block_size - len(ids)))
+    rest = {k: v for k, v in body.items() if k not in CHAT_ONLY_FIELDS and k != "logprobs"}
+    return parse_completion(
+        {**rest, "prompt": ids, "max_tokens": max_tokens}, cfg, model_name, tokenizer, block_size
+    )
+
+
 # --- the app ------------------------------------------------------------------------------------
 
 
@@ -658,7 +709,12 @@ def load(cfg: ServeConfig) -> tuple[Any, Any]:
     sample = SampleConfig(
         ckpt=cfg.ckpt, pretrained=cfg.pretrained, gpt2_vocab=vocab, device=cfg.device, dtype=cfg.dtype
     )
-    return load_for_sampling(sample)
+    model, tokenizer = load_for_sampling(sample)
+    if cfg.adapter is not None:
+        from gpt2lab import sft
+
+        tokenizer = sft.attach_adapter(model, tokenizer, cfg.adapter)
+    return model, tokenizer
 
 
 def _static_page() -> str:
@@ -780,6 +836,18 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
     async def completions(request: Request) -> Any:
         authorize(request)
         req = parse_completion(await read_json(request), cfg, name, tokenizer, block_size)
+        return await respond(request, req, frozenset([tokenizer.eot_id]), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        authorize(request)
+        req = parse_chat(await read_json(request), cfg, name, tokenizer, block_size)
+        from gpt2lab.sft import chat_stop_ids
+
+        return await respond(request, req, frozenset(chat_stop_ids(tokenizer)), chat=True)
+
+    async def respond(request: Request, req: Completion, stop_ids: frozenset[int], chat: bool) -> Any:
+        """Run a checked request through the engine; answer in /v1/completions' or the chat format."""
         if req.stream and streams["open"] >= cfg.max_streams:
             raise APIError(
                 429,
@@ -808,7 +876,7 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
                     deliver,
                     req.n,
                     seeds,
-                    frozenset([tokenizer.eot_id]),
+                    stop_ids,
                     req.stop,
                     first,
                     deadline,
@@ -831,7 +899,8 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
                 code="overloaded",
                 headers={"Retry-After": "1"},
             ) from None
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, now = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
         prompt_tokens = sum(len(p) for p in req.prompts)
         total = len(req.prompts) * req.n
 
@@ -843,7 +912,7 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
         def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
             obj: dict[str, Any] = {
                 "id": rid,
-                "object": "text_completion",
+                "object": kind + ".chunk" if chat else kind,
                 "created": now,
                 "model": name,
                 "choices": choices,
@@ -863,7 +932,7 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
 
             async def sse() -> Any:
                 streams["open"] += 1
-                done, completion = 0, 0
+                done, completion, started = 0, 0, set()
                 try:
                     while done < total:
                         for ev in await queue.get():
@@ -871,13 +940,15 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
                                 err = APIError(ev.status, ev.text, "server_error")
                                 yield f"data: {json.dumps(err.body())}\n\n"
                                 return
-                            choice = {
-                                "text": ev.text,
-                                "index": ev.choice,
-                                "logprobs": None,
-                                "finish_reason": ev.finish,
-                            }
-                            yield chunk([choice])
+                            choice: dict[str, Any] = {"index": ev.choice, "logprobs": None}
+                            if chat:  # OpenAI's deltas: the role comes once, in a choice's first chunk
+                                delta = {"content": ev.text} if ev.text or ev.choice not in started else {}
+                                if ev.choice not in started:
+                                    delta, started = {"role": "assistant", **delta}, started | {ev.choice}
+                                choice["delta"] = delta
+                            else:
+                                choice["text"] = ev.text
+                            yield chunk([{**choice, "finish_reason": ev.finish}])
                             if ev.finish is not None:
                                 done += 1
                                 completion += ev.tokens
@@ -916,12 +987,17 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
         finally:
             cancel()  # a no-op when every row has finished
         choices = [
-            {"text": t, "index": i, "logprobs": None, "finish_reason": f}
+            {
+                "index": i,
+                **({"message": {"role": "assistant", "content": t}} if chat else {"text": t}),
+                "logprobs": None,
+                "finish_reason": f,
+            }
             for i, (t, f) in enumerate(zip(texts, finishes, strict=True))
         ]
         return {
             "id": rid,
-            "object": "text_completion",
+            "object": kind,
             "created": now,
             "model": name,
             "choices": choices,
