@@ -86,10 +86,21 @@ def test_python_encoder_matches_tiktoken_on_whole_files(gpt2, tiktoken_gpt2, rel
 
 
 EOT = "<|endoftext|>"
+# Code points that this Python's Unicode tables assign: for unassigned ones (category Cn) the regex
+# engines disagree by Unicode version (`regex` 2026.11 makes U+3D000 a letter; tiktoken's tables do not),
+# so GPT-2's pre-tokenization of them is not a fixed function. Assigned code points keep their category.
+assigned = st.characters(exclude_categories=("Cs", "Cn"))
 whitespace = st.text(alphabet=" \t\n\r\x0b\x0c\u00a0\u2009\u3000", max_size=30)
-emoji = st.text(alphabet=st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF), max_size=10)
+emoji = st.text(
+    alphabet=st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF, exclude_categories=("Cn",)),
+    max_size=10,
+)
 pieces = st.one_of(
-    st.text(max_size=40), whitespace, emoji, st.just(EOT), st.sampled_from(["'s", "'ll", " 123"])
+    st.text(alphabet=assigned, max_size=40),
+    whitespace,
+    emoji,
+    st.just(EOT),
+    st.sampled_from(["'s", "'ll", " 123"]),
 )
 texts = st.lists(pieces, max_size=8).map("".join)
 SETTINGS = settings(
