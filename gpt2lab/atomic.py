@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpt2lab.errors import UserError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temporary sibling, fsync it, then os.replace it onto `path`."""
@@ -24,6 +26,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_json(path: str | Path, missing: str) -> Any:
+    """The parsed JSON file at path; UserError `missing` when there is none, or naming the parse error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 def remove_stale_temporaries(directory: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gpt2lab.atomic import atomic_write, write_json  # noqa: F401  (re-exported for callers)
+from gpt2lab.atomic import atomic_write, read_json, write_json  # noqa: F401  (re-exported for callers)
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT
@@ -161,12 +161,7 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     """config.json of a gpt2lab checkpoint (or of the one a run directory's `latest` points at)."""
     ckpt_dir = resolve(ckpt_dir)
     path = ckpt_dir / CONFIG
-    if not path.is_file():
-        raise UserError(f"{ckpt_dir} is not a gpt2lab checkpoint: no {CONFIG}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    config = read_json(path, f"{ckpt_dir} is not a gpt2lab checkpoint: no {CONFIG}")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{path} is not a gpt2lab checkpoint config (format is not {FORMAT!r})")
     if config.get("version") != VERSION:

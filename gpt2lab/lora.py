@@ -16,7 +16,6 @@ onto a base model of the same architecture only; anything else is a one-line Use
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gpt2lab.atomic import atomic_write, write_json
+from gpt2lab.atomic import atomic_write, read_json, write_json
 from gpt2lab.config import closest
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT
@@ -257,12 +256,7 @@ def save_adapter(model: GPT, out_dir: str | Path, extra: dict[str, Any] | None =
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise UserError(f"{adapter_dir} is not a LoRA adapter directory: no {ADAPTER_CONFIG}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    config = read_json(path, f"{adapter_dir} is not a LoRA adapter directory: no {ADAPTER_CONFIG}")
     if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
         raise UserError(f"{path} is not a gpt2lab LoRA adapter config (format is not {ADAPTER_FORMAT!r})")
     return config

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gpt2lab.atomic import atomic_write, write_json
+from gpt2lab.atomic import atomic_write, read_json, write_json
 from gpt2lab.checkpoint import copy_weights, load_model, model_tensors, save_checkpoint
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
@@ -135,13 +135,9 @@ def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_pretrained(name_or_dir: str | Path, **overrides: Any) -> GPT:
     """A GPT with the weights of a Hugging Face GPT-2 directory or hub name, in eval mode."""
     path = resolve(name_or_dir)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{path}: no config.json (expected a Hugging Face GPT-2 directory)")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_path} is not valid JSON: {e}") from None
+    hf_config = read_json(
+        path / "config.json", f"{path}: no config.json (expected a Hugging Face GPT-2 directory)"
+    )
     model = GPT(config_from_hf(hf_config, str(path), **overrides))
     tensors = {}
     for name, t in read_hf_tensors(path).items():

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt2lab.atomic import atomic_write, remove_stale_temporaries, write_json
+from gpt2lab.atomic import atomic_write, read_json, remove_stale_temporaries, write_json
 from gpt2lab.config import PrepareConfig
 from gpt2lab.errors import UserError
 from gpt2lab.progress import Progress
@@ -81,13 +81,11 @@ def read_shard(path: str | Path) -> np.ndarray:
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{data_dir} has no {MANIFEST}: prepare it first (gpt2lab prepare SOURCE --out DIR)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    manifest = read_json(
+        path, f"{data_dir} has no {MANIFEST}: prepare it first (gpt2lab prepare SOURCE --out DIR)"
+    )
+    kind = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else None
+    if kind != (FORMAT, VERSION):
         raise UserError(f"{path} is not a version-{VERSION} {FORMAT} manifest")
     return manifest
 
