@@ -481,6 +481,17 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
     return float(x)
 
 
+def _integer(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    x = body.get(name)
+    if x is None:
+        return default
+    if not _is_int(x):
+        raise _bad(f"{name} must be an integer, got {json.dumps(x)}", name)
+    if not lo <= x <= hi:
+        raise _bad(f"{name} must be between {lo} and {hi}, got {x}", name)
+    return x
+
+
 def parse_completion(
     body: Any, cfg: ServeConfig, model_name: str, tokenizer: Any, block_size: int
 ) -> Completion:
@@ -517,13 +528,7 @@ def parse_completion(
         raise _bad("user must be a string", "user")
 
     prompts = _parse_prompts(body, cfg, tokenizer)
-    max_tokens = body.get("max_tokens", 16)  # OpenAI's default for completions
-    if max_tokens is None:
-        max_tokens = 16
-    if not _is_int(max_tokens):
-        raise _bad(f"max_tokens must be an integer, got {json.dumps(max_tokens)}", "max_tokens")
-    if not 1 <= max_tokens <= cfg.max_tokens:
-        raise _bad(f"max_tokens must be between 1 and {cfg.max_tokens}, got {max_tokens}", "max_tokens")
+    max_tokens = _integer(body, "max_tokens", 16, 1, cfg.max_tokens)  # 16: OpenAI's default for completions
     longest = max(len(p) for p in prompts)
     if longest + max_tokens > block_size:
         raise _bad(
@@ -533,13 +538,7 @@ def parse_completion(
             "prompt" if longest >= block_size else "max_tokens",
             "context_length_exceeded",
         )
-    n = body.get("n", 1)
-    if n is None:
-        n = 1
-    if not _is_int(n):
-        raise _bad(f"n must be an integer, got {json.dumps(n)}", "n")
-    if not 1 <= n <= cfg.max_n:
-        raise _bad(f"n must be between 1 and {cfg.max_n}, got {n}", "n")
+    n = _integer(body, "n", 1, 1, cfg.max_n)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)  # OpenAI's range
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
