@@ -23,7 +23,6 @@ Policies (each one is tested in tests/test_generate.py):
 from __future__ import annotations
 
 import codecs
-import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -144,17 +143,11 @@ def static_decode(model: Any, idx: torch.Tensor, cache: StaticKVCache, pad: torc
     tensor, not a Python int; nothing here reads a Python value that changes between steps.
     pad (B,) is the left padding of each row within the cache. Advances cache.slot by one.
     """
-    cfg = model.config
     tr = model.transformer
     slots = torch.arange(cache.max_len, device=idx.device)  # (S,)
     pos = (cache.slot - pad).clamp(min=0)[:, None]  # (B, 1): positions count from each row's first token
     mask = (slots[None, :] <= cache.slot) & (slots[None, :] >= pad[:, None])  # (B, S)
-    x = tr.wte(idx)  # (B, 1, C)
-    if cfg.pos_embedding == "learned":
-        x = x + tr.wpe(pos)
-    else:  # as GPT.forward: scale the token embeddings, add the fixed sinusoids
-        x = x * math.sqrt(cfg.n_embd) + model.pos_table[pos]
-    x = tr.drop(x)
+    x = model.embed(idx, pos)  # (B, 1, C)
     cache.decoding = True
     try:
         for block in tr.h:

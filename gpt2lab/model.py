@@ -181,14 +181,7 @@ class GPT(nn.Module):
                 f"sequence length {past + T} exceeds the model's context block_size {self.config.block_size}"
             )
         pos, mask = self._positions_and_mask(T, past, None if kv_cache is None else kv_cache.pad, idx.device)
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if self.config.pos_embedding == "learned":
-            x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C) broadcast over the batch
-        else:
-            # Vaswani et al. 2017 §3.4: embeddings are multiplied by sqrt(d) before the sinusoids are
-            # added, so that tokens (init std 0.02) are not drowned by positions (amplitude 1).
-            x = x * math.sqrt(self.config.n_embd) + self.pos_table[pos]
-        x = self.transformer.drop(x)
+        x = self.embed(idx, pos)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, mask, kv_cache)
         if kv_cache is not None:
@@ -202,6 +195,17 @@ class GPT(nn.Module):
         return F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
+
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) at positions pos ((T,) or (B, T)) -> the first residual stream (B, T, C)."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C) broadcast over the batch
+        else:
+            # Vaswani et al. 2017 §3.4: embeddings are multiplied by sqrt(d) before the sinusoids are
+            # added, so that tokens (init std 0.02) are not drowned by positions (amplitude 1).
+            x = x * math.sqrt(self.config.n_embd) + self.pos_table[pos]
+        return self.transformer.drop(x)
 
     @staticmethod
     def _positions_and_mask(

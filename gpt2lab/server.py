@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import math
 import os
 import threading
 import time
@@ -90,17 +89,11 @@ def decode_rows(model: Any, idx: torch.Tensor, cache: RowCache, lengths: torch.T
     GPT.forward's computation with per-row positions (as generate.static_decode): the embeddings, the
     blocks with a (n, 1, 1, span) mask over each row's own cached slots, the final norm and head.
     """
-    cfg = model.config
     tr = model.transformer
     cache.bind(lengths)
     pos = lengths[:, None]  # (n, 1)
     mask = torch.arange(cache._span, device=idx.device)[None, :] <= pos  # (n, span)
-    x = tr.wte(idx)  # (n, 1, C)
-    if cfg.pos_embedding == "learned":
-        x = x + tr.wpe(pos)
-    else:  # as GPT.forward: scale the token embeddings, add the fixed sinusoids
-        x = x * math.sqrt(cfg.n_embd) + model.pos_table[pos]
-    x = tr.drop(x)
+    x = model.embed(idx, pos)  # (n, 1, C)
     for block in tr.h:
         x = block(x, mask[:, None, None, :], cache)  # mask (n, 1, 1, span)
     return model.lm_head(tr.ln_f(x))[:, -1]  # (n, V)
