@@ -22,10 +22,10 @@ def load_chat_model(cfg: ChatConfig) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer with the template's tokens) for --ckpt / --pretrained [--adapter]."""
     from gpt2lab import sft
     from gpt2lab.checkpoint import load_any
-    from gpt2lab.tokenizer import get_tokenizer
+    from gpt2lab.tokenizer import model_tokenizer
 
     model, spec = load_any(cfg.ckpt, cfg.pretrained, cfg.device, getattr(torch, cfg.dtype))
-    tok = get_tokenizer(spec if spec is not None else "gpt2", vocab_dir=cfg.gpt2_vocab)
+    tok = model_tokenizer(spec, cfg.gpt2_vocab, cfg.pretrained)
     if cfg.adapter is not None:
         tok = sft.attach_adapter(model, tok, cfg.adapter)
     sft.chat_stop_ids(tok)  # a model without the template's tokens fails here, before any input is read

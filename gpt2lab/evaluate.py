@@ -560,13 +560,13 @@ def run_hellaswag(
 ) -> str:
     """`gpt2lab eval hellaswag`: the table to print; JSON to json_out, else next to the checkpoint."""
     from gpt2lab.checkpoint import load_any
-    from gpt2lab.tokenizer import get_tokenizer
+    from gpt2lab.tokenizer import model_tokenizer
 
     device = str(distributed.pick_device(device or "auto"))
     path = hellaswag_file(data)
     examples = load_hellaswag(path, limit)
     model, spec = load_any(ckpt, pretrained, device)
-    tok = get_tokenizer(spec if spec is not None else "gpt2", vocab_dir=gpt2_vocab)
+    tok = model_tokenizer(spec, gpt2_vocab, pretrained)
     t0 = time.perf_counter()
     result = hellaswag(model, tok, examples, batch_size, device, progress=progress)
     seconds = time.perf_counter() - t0

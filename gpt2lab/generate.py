@@ -637,13 +637,13 @@ def load_for_sampling(cfg: SampleConfig) -> tuple[Any, Any]:
     """(model in eval mode on cfg.device, tokenizer) for --ckpt or --pretrained.
 
     A gpt2lab checkpoint whose config.json has a "tokenizer" spec uses that tokenizer; Hugging Face
-    GPT-2 weights, and checkpoints converted from them, use GPT-2's own.
+    GPT-2 weights, and checkpoints converted from them, use GPT-2's own (tokenizer.model_tokenizer).
     """
     from gpt2lab.checkpoint import load_any
-    from gpt2lab.tokenizer import get_tokenizer
+    from gpt2lab.tokenizer import model_tokenizer
 
     model, spec = load_any(cfg.ckpt, cfg.pretrained, cfg.device, getattr(torch, cfg.dtype))
-    tokenizer = get_tokenizer(spec if spec is not None else "gpt2", vocab_dir=cfg.gpt2_vocab)
+    tokenizer = model_tokenizer(spec, cfg.gpt2_vocab, cfg.pretrained)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens, more than the model's "

@@ -690,16 +690,16 @@ def model_name_for(cfg: ServeConfig) -> str:
 
 
 def load(cfg: ServeConfig) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) for --ckpt or --pretrained; a pretrained directory that carries
-    GPT-2's vocab files (vocab.json + merges.txt) supplies the tokenizer when --gpt2-vocab is not given."""
+    """(model in eval mode, tokenizer) for --ckpt or --pretrained (a Hugging Face directory's own
+    vocab.json + merges.txt serve when --gpt2-vocab is not given), with --adapter put onto it."""
     from gpt2lab.generate import load_for_sampling
-    from gpt2lab.tokenizer import _gpt2_pair
 
-    vocab = cfg.gpt2_vocab
-    if vocab is None and cfg.pretrained is not None and Path(cfg.pretrained).is_dir():
-        vocab = cfg.pretrained if _gpt2_pair(Path(cfg.pretrained)) else None
     sample = SampleConfig(
-        ckpt=cfg.ckpt, pretrained=cfg.pretrained, gpt2_vocab=vocab, device=cfg.device, dtype=cfg.dtype
+        ckpt=cfg.ckpt,
+        pretrained=cfg.pretrained,
+        gpt2_vocab=cfg.gpt2_vocab,
+        device=cfg.device,
+        dtype=cfg.dtype,
     )
     model, tokenizer = load_for_sampling(sample)
     if cfg.adapter is not None:

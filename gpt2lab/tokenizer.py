@@ -471,6 +471,24 @@ def find_gpt2_vocab(vocab_dir: str | Path | None = None) -> tuple[Path, Path]:
     return cached / "encoder.json", cached / "vocab.bpe"
 
 
+def model_tokenizer(
+    spec: dict[str, Any] | None, gpt2_vocab: str | Path | None = None, model_dir: str | Path | None = None
+) -> Tokenizer:
+    """The tokenizer of a loaded model: its checkpoint's spec, else GPT-2's own vocabulary, read from
+    gpt2_vocab, else from the vocab.json + merges.txt a Hugging Face GPT-2 directory (model_dir)
+    carries beside its weights, else from the cache (or downloaded into it)."""
+    if spec is not None:
+        return get_tokenizer(spec, vocab_dir=gpt2_vocab)
+    if (
+        gpt2_vocab is None
+        and model_dir is not None
+        and Path(model_dir).is_dir()
+        and _gpt2_pair(Path(model_dir))
+    ):
+        gpt2_vocab = model_dir
+    return get_tokenizer("gpt2", vocab_dir=gpt2_vocab)
+
+
 @lru_cache(maxsize=4)
 def _load_gpt2_bpe(encoder: Path, merges: Path) -> BPE:
     bpe = load_gpt2_files(encoder, merges)

@@ -200,7 +200,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if sft_data:
         # The examples are tokenized by the starting model's tokenizer, plus the chat template's tokens.
         from gpt2lab import sft
-        from gpt2lab.tokenizer import get_tokenizer
+        from gpt2lab.tokenizer import model_tokenizer
 
         if cfg.init_from == "scratch":
             raise UserError(
@@ -208,7 +208,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             )
         raw, tokenizer_spec = load_init(cfg)
         tok, added_tokens = sft.add_template_tokens(
-            raw, get_tokenizer(tokenizer_spec or "gpt2"), cfg.pad_vocab_multiple
+            raw, model_tokenizer(tokenizer_spec, model_dir=cfg.init_from), cfg.pad_vocab_multiple
         )
         tokenizer_spec, model_cfg, data_vocab = tok.to_spec(), raw.config, tok.vocab_size
         template_tokens = {t: tok.special_tokens[t] for t in sft.TEMPLATE_TOKENS}

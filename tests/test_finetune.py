@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -240,10 +241,12 @@ def test_lora_resume_is_exact_and_only_adapters_and_template_rows_change(base, t
 
 def test_finetune_from_hugging_face_gpt2_grows_the_vocabulary(tmp_path, shared_data, capsys):
     transformers = pytest.importorskip("transformers")
-    get_tokenizer("gpt2", vocab_dir=shared_data / "gpt2")  # remembered in the (test's) cache for the run
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64))
     hf.save_pretrained(tmp_path / "hf")  # vocab 50257: no spare rows
+    # As a hub download has them: the vocabulary beside the weights, the test's cache empty and no network.
+    shutil.copy(shared_data / "gpt2" / "encoder.json", tmp_path / "hf" / "vocab.json")
+    shutil.copy(shared_data / "gpt2" / "vocab.bpe", tmp_path / "hf" / "merges.txt")
     rng = random.Random(4)
     data = write_jsonl(tmp_path / "d.jsonl", [chat_record(word(rng)) for _ in range(20)])
     out = tmp_path / "out"

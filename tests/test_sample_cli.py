@@ -51,7 +51,7 @@ def gpt2_dir(tmp_path):
 def stand_in(monkeypatch):
     tok = StandInTokenizer()
     module = types.ModuleType("gpt2lab.tokenizer")
-    module.get_tokenizer = lambda *args, **kwargs: tok
+    module.get_tokenizer = module.model_tokenizer = lambda *args, **kwargs: tok
     monkeypatch.setitem(sys.modules, "gpt2lab.tokenizer", module)
     return tok
 
