@@ -296,12 +296,12 @@ def load_hellaswag(path: str | Path, limit: int | None = None) -> list[Example]:
     path = Path(path)
     if limit is not None and limit <= 0:
         raise UserError(f"limit must be positive, got {limit}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read HellaSwag file {str(path)!r} ({e})") from None
     examples: list[Example] = []
     if path.suffix == ".txt":
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read HellaSwag file {str(path)!r} ({e})") from None
         if len(lines) % 6:
             raise UserError(f"{path}: {len(lines)} lines is not a multiple of 6 (context, label, 4 endings)")
         for k in range(0, len(lines), 6):
@@ -311,16 +311,12 @@ def load_hellaswag(path: str | Path, limit: int | None = None) -> list[Example]:
             label = _parse_label(label, f"{path}:{k + 2}")
             examples.append(Example(len(examples), label, ctx, endings, ctx, endings))
     else:
-        for n, line in enumerate(lines, 1):
+        from gpt2lab.sources import jsonl_records
+
+        for rec, where in jsonl_records(path):
             if limit is not None and len(examples) == limit:
                 break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            examples.append(_example_from_record(rec, len(examples), f"{path}:{n}"))
+            examples.append(_example_from_record(rec, len(examples), where))
     if not examples:
         raise UserError(f"{path}: no HellaSwag examples")
     return examples

@@ -18,7 +18,6 @@ never see each other and need no block-diagonal mask. Examples longer than the c
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -191,21 +190,9 @@ def render_example(tok: Tokenizer, record: dict[str, Any], where: str) -> Exampl
 
 def read_jsonl(path: str | Path) -> list[tuple[dict[str, Any], str]]:
     """The records of a jsonl file with their "file:line" (blank lines skipped); UserError on bad JSON."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"data file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {str(path)!r} as UTF-8 text ({e})") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append((json.loads(line), f"{path}:{n}"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    from gpt2lab.sources import jsonl_records
+
+    records = list(jsonl_records(path))
     if not records:
         raise UserError(f"{path}: no records (expected one JSON object per line)")
     return records

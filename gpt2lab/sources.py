@@ -88,25 +88,35 @@ def text_folder(path: Path, separator: str | None) -> DocStream:
     return docs
 
 
-def jsonl_file(path: Path, text_field: str) -> DocStream:
-    def docs() -> Iterator[str]:
-        with open(path, encoding="utf-8", errors=DECODE_ERRORS) as f:
+def jsonl_records(path: str | Path, errors: str = "strict") -> Iterator[tuple[Any, str]]:
+    """Each record of a jsonl file with its "file:line", streamed; blank lines skipped. UserError for a
+    missing or unreadable file and for a line that is not JSON. errors: how undecodable bytes are read."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", errors=errors) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    yield json.loads(line), f"{path}:{lineno}"
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise UserError(f"{path}:{lineno}: record has no {text_field!r} field (--text-field)")
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise UserError(
-                        f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not text"
-                    )
-                if text.strip():
-                    yield text
+    except FileNotFoundError:
+        raise UserError(f"{str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {str(path)!r} as UTF-8 text ({e})") from None
+
+
+def jsonl_file(path: Path, text_field: str) -> DocStream:
+    def docs() -> Iterator[str]:
+        for record, where in jsonl_records(path, DECODE_ERRORS):
+            if not isinstance(record, dict) or text_field not in record:
+                raise UserError(f"{where}: record has no {text_field!r} field (--text-field)")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise UserError(f"{where}: field {text_field!r} is {type(text).__name__}, not text")
+            if text.strip():
+                yield text
 
     return docs
 
