@@ -229,7 +229,10 @@ class Sampling:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
 
     def choose(
-        self, logits: torch.Tensor, counts: torch.Tensor | None, generator: torch.Generator | None
+        self,
+        logits: torch.Tensor,
+        counts: torch.Tensor | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
     ) -> torch.Tensor:
         """Next token per row (B,) from logits (B, V) and token counts so far (B, V) (None: no penalty)."""
         if counts is not None:
@@ -273,19 +276,48 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def seeded_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
+    """A generator on device, seeded with seed (None: a fresh random seed)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of probs (n, V), row i drawn with generators[i] -> (n,) long.
+
+    Inverse-CDF sampling: u ~ U[0, total mass of row i), the token is the first whose cumulative
+    probability exceeds u, so tokens of probability 0 (filtered out) are never drawn. One small
+    draw per row keeps each row's randomness its own whatever else is in the batch.
+    """
+    cdf = probs.cumsum(dim=-1)  # (n, V)
+    u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generators])  # (n,)
+    u = u * cdf[:, -1]
+    return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=probs.size(1) - 1)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """One token per row from logits (B, V): argmax when temperature is 0, else a draw. -> (B,) long."""
+    """One token per row from logits (B, V): argmax when temperature is 0, else a draw. -> (B,) long.
+
+    generator: one for the whole batch, or one per row (`draw`: a row's token then depends on its own
+    generator only, as the server needs for requests that share a batch).
+    """
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / temperature, top_k, top_p)
     probs = F.softmax(logits, dim=-1)
+    if isinstance(generator, Sequence):
+        return draw(probs, generator)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -437,11 +469,7 @@ def steps(
     if max_new_tokens == 0:
         return
     if generator is None:
-        generator = torch.Generator(device=next(model.parameters()).device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
+        generator = seeded_generator(next(model.parameters()).device, seed)
     texts = None if not stop else [TextDecoder(decode_bytes, stop) for _ in range(len(prompts) * num_samples)]
     was_training = model.training
     model.eval()
@@ -670,11 +698,7 @@ def run(cfg: SampleConfig, inp: TextIO | None = None, out: TextIO | None = None)
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --prompt-file {cfg.prompt_file}: {e}") from None
     model, tokenizer = load_for_sampling(cfg)
-    generator = torch.Generator(device=next(model.parameters()).device)
-    if cfg.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(cfg.seed)
+    generator = seeded_generator(next(model.parameters()).device, cfg.seed)
     kwargs = dict(
         temperature=sampling.temperature,
         top_k=sampling.top_k,

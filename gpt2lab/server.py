@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from gpt2lab.config import GPTConfig, SampleConfig, ServeConfig
 from gpt2lab.errors import UserError
-from gpt2lab.generate import KVCache, Sampling, TextDecoder, apply_penalties, filter_logits
+from gpt2lab.generate import KVCache, Sampling, TextDecoder, seeded_generator
 
 INSTALL_HINT = 'gpt2lab serve needs FastAPI and uvicorn: pip install -e ".[serve]"'
 
@@ -118,7 +117,7 @@ class Event:
     status: int = 500  # the HTTP status of an "error"
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a job is one request's, never equal to another
 class Job:
     """One prompt to complete n times. The engine calls deliver(events) from its thread.
 
@@ -154,25 +153,11 @@ class _Row:
     finish: str | None = None
 
 
-def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token per row of probs (n, V), row i drawn with generators[i] -> (n,) long.
-
-    Inverse-CDF sampling: u ~ U[0, total mass of row i), the token is the first whose cumulative
-    probability exceeds u, so tokens of probability 0 (filtered out) are never drawn. One small
-    draw per row keeps each request's randomness its own whatever else is in the batch.
-    """
-    cdf = probs.cumsum(dim=-1)  # (n, V)
-    u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generators])  # (n,)
-    u = u * cdf[:, -1]
-    return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=probs.size(1) - 1)
-
-
 def choose_rows(logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
     """The next token of every row from logits (n, V), each with its own request's Sampling.
 
-    Rows with the same settings are sampled together: penalties, temperature, filter_logits and
-    softmax over the group at once (generate.py's functions, the same math as Sampling.choose), then
-    one draw per row from its own generator. Rows already finished get a placeholder 0.
+    Rows with the same settings are sampled together (Sampling.choose over the group, one draw per
+    row from its own generator). Rows already finished get a placeholder 0.
     """
     out = [0] * len(rows)
     groups: dict[Sampling, list[int]] = {}
@@ -180,15 +165,8 @@ def choose_rows(logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
         if row.finish is None:
             groups.setdefault(row.job.sampling, []).append(i)
     for sampling, idx in groups.items():
-        sel = logits[idx].float()  # (g, V)
-        if sampling.penalised:
-            counts = torch.stack([rows[i].counts for i in idx])  # type: ignore[misc]
-            sel = apply_penalties(sel, counts, sampling.repetition_penalty, sampling.frequency_penalty)
-        if sampling.temperature == 0:
-            tokens = sel.argmax(dim=-1)
-        else:
-            sel = filter_logits(sel / sampling.temperature, sampling.top_k, sampling.top_p)
-            tokens = draw(F.softmax(sel, dim=-1), [rows[i].generator for i in idx])
+        counts = torch.stack([rows[i].counts for i in idx]) if sampling.penalised else None  # type: ignore[misc]
+        tokens = sampling.choose(logits[idx].float(), counts, [rows[i].generator for i in idx])
         for i, t in zip(idx, tokens.tolist(), strict=True):
             out[i] = t
     return out
@@ -296,13 +274,13 @@ class Engine:
             except Exception as e:
                 # a failed forward (out of memory, ...) ends the requests in it, not the server
                 msg = f"generation failed: {type(e).__name__}: {e}"
-                for job in {id(j): j for j in [r.job for r in rows] + admitted}.values():
+                for job in dict.fromkeys([r.job for r in rows] + admitted):
                     job.deliver([Event(job.first_choice, msg, "error")])
                 rows.clear()
                 logits = logits[:0]
             with self._cond:
                 self._active = len(rows)
-        for job in {id(j): j for j in [r.job for r in rows] + list(self._waiting)}.values():
+        for job in dict.fromkeys([r.job for r in rows] + list(self._waiting)):
             job.deliver([Event(job.first_choice, "the server is shutting down", "error", status=503)])
 
     def _admit(self, used: int) -> list[Job]:
@@ -339,12 +317,7 @@ class Engine:
             counts = torch.zeros(self.vocab_size, device=self.device)
             counts.scatter_add_(0, ids[0], torch.ones(L, device=self.device))
         for s in range(job.n):
-            g = torch.Generator(device=self.device)
-            seed = job.seeds[s] if s < len(job.seeds) else None
-            if seed is None:
-                g.seed()
-            else:
-                g.manual_seed(seed)
+            g = seeded_generator(self.device, job.seeds[s] if s < len(job.seeds) else None)
             text = TextDecoder(self.decode_bytes, job.stop)
             c = None if counts is None else counts.clone()
             rows.append(_Row(job, job.first_choice + s, L, g, text, c))
@@ -353,7 +326,7 @@ class Engine:
     def _step(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Sample every row, deliver its text, drop the finished rows, decode the rest -> logits."""
         now = time.monotonic()
-        events: dict[int, tuple[Job, list[Event]]] = {}
+        events: dict[Job, list[Event]] = {}
         for row in rows:
             if row.job.cancelled:
                 row.finish = "cancelled"
@@ -379,8 +352,8 @@ class Engine:
             row.last = token
             if piece or row.finish is not None:
                 ev = Event(row.choice, piece, row.finish, row.generated if row.finish else 0)
-                events.setdefault(id(job), (job, []))[1].append(ev)
-        for job, evs in events.values():
+                events.setdefault(job, []).append(ev)
+        for job, evs in events.items():
             job.deliver(evs)
         # leave the batch: the last active row moves into each hole, so rows 0..n-1 stay the active ones
         for i in reversed(range(len(rows))):
@@ -729,7 +702,7 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
     block_size = model.config.block_size
     engine = Engine(model, tokenizer.decode_bytes, tokenizer.vocab_size, cfg.max_batch_size, cfg.max_queue)
     key = api_key if api_key is not None else cfg.api_key
-    created = int(time.time())
+    card = _model_card(name, int(time.time()), block_size, min(cfg.max_tokens, block_size - 1))
     page = _static_page()
     streams = {"open": 0}  # concurrent streaming responses (touched only on the event loop)
 
@@ -812,7 +785,7 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
         authorize(request)
         return {
             "object": "list",
-            "data": [_model_card(name, created, block_size, min(cfg.max_tokens, block_size - 1))],
+            "data": [card],
         }
 
     @app.get("/v1/models/{model_id}")
@@ -822,7 +795,7 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
             raise APIError(
                 404, f"The model `{model_id}` does not exist", param="model", code="model_not_found"
             )
-        return _model_card(name, created, block_size, min(cfg.max_tokens, block_size - 1))
+        return card
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -855,6 +828,13 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
                 loop.call_soon_threadsafe(queue.put_nowait, events)
 
+        total = len(req.prompts) * req.n  # sequences (choices) this request decodes
+        if total > cfg.max_batch_size + cfg.max_queue:  # would be refused however long the client waits
+            raise _bad(
+                f"this request needs {total} sequences ({len(req.prompts)} prompts x n {req.n}); the server "
+                f"holds at most {cfg.max_batch_size + cfg.max_queue} (batch + queue)",
+                "n",
+            )
         deadline = time.monotonic() + cfg.request_timeout_s
         jobs = []
         for p, ids in enumerate(req.prompts):
@@ -874,13 +854,6 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
                     deadline,
                 )
             )
-        rows = len(req.prompts) * req.n
-        if rows > cfg.max_batch_size + cfg.max_queue:  # would be refused however long the client waits
-            raise _bad(
-                f"this request needs {rows} sequences ({len(req.prompts)} prompts x n {req.n}); the server "
-                f"holds at most {cfg.max_batch_size + cfg.max_queue} (batch + queue)",
-                "n",
-            )
         try:
             engine.submit(jobs)
         except QueueFull as e:
@@ -894,7 +867,6 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
         rid, now = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         prompt_tokens = sum(len(p) for p in req.prompts)
-        total = len(req.prompts) * req.n
 
         def cancel() -> None:
             for job in jobs:

@@ -25,8 +25,8 @@ from gpt2lab.checkpoint import save_checkpoint
 from gpt2lab.cli import main
 from gpt2lab.config import ServeConfig
 from gpt2lab.errors import UserError
-from gpt2lab.generate import KVCache, Sampling, generate
-from gpt2lab.server import Engine, Event, Job, RowCache, choice_seed, decode_rows, draw
+from gpt2lab.generate import KVCache, Sampling, draw, generate
+from gpt2lab.server import Engine, Event, Job, RowCache, choice_seed, decode_rows
 from gpt2lab.tokenizer import ByteTokenizer
 
 KEY = "sk-test-key"
