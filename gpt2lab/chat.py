@@ -55,7 +55,7 @@ def fit_context(
 
 def run(cfg: ChatConfig, inp: TextIO | None = None, out: TextIO | None = None) -> None:
     """Read user lines from `inp`, write each streamed reply (one line) to `out`."""
-    from gpt2lab.generate import Sampling, stream_text
+    from gpt2lab.generate import Sampling, seeded_generator, stream_text
     from gpt2lab.sft import chat_stop_ids
 
     inp = sys.stdin if inp is None else inp
@@ -64,12 +64,9 @@ def run(cfg: ChatConfig, inp: TextIO | None = None, out: TextIO | None = None) -
     if cfg.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be positive, got {cfg.max_new_tokens}")
     model, tok = load_chat_model(cfg)
-    end_id = chat_stop_ids(tok)[0]
-    eot_text = tok.decode([tok.eot_id])  # EOT also ends a reply; stream_text stops at one id, so by its text
     block = model.config.block_size
     budget = max(block - min(cfg.max_new_tokens, block // 2), 1)  # room for a reply of up to half the context
-    generator = torch.Generator(device=next(model.parameters()).device)
-    generator.manual_seed(cfg.seed) if cfg.seed is not None else generator.seed()
+    generator = seeded_generator(next(model.parameters()).device, cfg.seed)
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)
     interactive = inp.isatty()
@@ -95,13 +92,13 @@ def run(cfg: ChatConfig, inp: TextIO | None = None, out: TextIO | None = None) -
                 ids,
                 cfg.max_new_tokens,
                 tok.decode_bytes,
-                stop=[eot_text],
                 temperature=sampling.temperature,
                 top_k=sampling.top_k,
                 top_p=sampling.top_p,
                 repetition_penalty=sampling.repetition_penalty,
                 generator=generator,
-                eot_id=end_id,
+                eot_id=tok.eot_id,
+                stop_ids=chat_stop_ids(tok),  # <|end|> closes a reply; <|endoftext|> too
                 vocab_size=tok.vocab_size,
             ):
                 pieces.append(piece)

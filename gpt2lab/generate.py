@@ -25,7 +25,7 @@ from __future__ import annotations
 import codecs
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -434,6 +434,7 @@ def steps(
     generator: torch.Generator | None = None,
     num_samples: int = 1,
     eot_id: int | None = GPT2_EOT,
+    stop_ids: Collection[int] = (),
     stop: str | Sequence[str] = (),
     decode_bytes: Callable[[list[int]], bytes] | None = None,
     window_keep: int | None = None,
@@ -444,7 +445,8 @@ def steps(
 
     Row p * num_samples + s is sample s of prompt p. Prompts of different lengths are left-padded
     and run in one batch; the num_samples samples of a prompt share its one prefill. Stops when
-    every row has finished (eot_id, a stop string) or after max_new_tokens steps. seed seeds a new
+    every row has finished (eot_id, one of stop_ids, a stop string) or after max_new_tokens steps.
+    The ending token is emitted; nothing after it. seed seeds a new
     torch.Generator; pass generator to continue one. The model runs in eval mode (restored after).
     compile: decode with a fixed-shape step over the whole cache (static_decode), captured in a CUDA
     graph on a GPU so a token costs one graph launch; on CPU it runs eagerly (exact, not faster).
@@ -482,7 +484,7 @@ def steps(
             sampling,
             generator,
             num_samples,
-            eot_id,
+            frozenset(() if eot_id is None else (eot_id,)) | frozenset(stop_ids),
             texts,
             keep,
             compile,
@@ -499,7 +501,7 @@ def _decode(
     sampling: Sampling,
     generator: torch.Generator,
     num_samples: int,
-    eot_id: int | None,
+    end_ids: frozenset[int],
     texts: list[TextDecoder] | None,
     keep: int,
     compile: bool,
@@ -551,7 +553,7 @@ def _decode(
                 continue
             if texts is not None:
                 texts[b].push(t)
-            active[b] = t != eot_id and not (texts is not None and texts[b].stopped)
+            active[b] = t not in end_ids and not (texts is not None and texts[b].stopped)
         yield Step(tokens=nxt, logits=logits, active=emitted)
         if not any(active) or cur + 1 == total:
             return
@@ -637,16 +639,16 @@ def stream_text(
 ) -> Iterator[str]:
     """Text pieces of one sample as they are generated; each is whole UTF-8 characters.
 
-    decode_bytes: a tokenizer's ids -> bytes (tokenizer.decode_bytes). The EOT token and anything
-    from a stop string on are not shown. Other keywords as for generate.
+    decode_bytes: a tokenizer's ids -> bytes (tokenizer.decode_bytes). The EOT token (or one of
+    stop_ids) and anything from a stop string on are not shown. Other keywords as for generate.
     """
     text = TextDecoder(decode_bytes, [stop] if isinstance(stop, str) else stop)
-    eot_id = kwargs.get("eot_id", GPT2_EOT)
+    end_ids = {kwargs.get("eot_id", GPT2_EOT), *kwargs.get("stop_ids", ())}
     if kwargs.get("num_samples", 1) != 1:
         raise UserError("stream_text streams one sample; call it once per sample")
     for step in steps(model, [prompt_ids], max_new_tokens, **kwargs):
         token = int(step.tokens[0])
-        if token == eot_id:
+        if token in end_ids:
             break
         piece = text.push(token)
         if piece:

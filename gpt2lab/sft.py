@@ -77,7 +77,9 @@ def add_template_tokens(
                 model.lm_head.weight = new.weight
             else:
                 head = model.lm_head.weight
-                model.lm_head = torch.nn.Linear(head.shape[1], rows, bias=False, device=head.device)
+                model.lm_head = torch.nn.Linear(
+                    head.shape[1], rows, bias=False, device=head.device, dtype=head.dtype
+                )
                 model.lm_head.weight[:old_rows] = head
                 model.lm_head.weight[old_rows:] = head[:n_real].mean(0)
             model.config.vocab_size = rows

@@ -210,7 +210,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         tok, added_tokens = sft.add_template_tokens(
             raw, model_tokenizer(tokenizer_spec, model_dir=cfg.init_from), cfg.pad_vocab_multiple
         )
-        tokenizer_spec, model_cfg, data_vocab = tok.to_spec(), raw.config, tok.vocab_size
+        tokenizer_spec, model_cfg = tok.to_spec(), raw.config
         template_tokens = {t: tok.special_tokens[t] for t in sft.TEMPLATE_TOKENS}
         T = cfg.seq_len or model_cfg.block_size
         examples = sft.load_examples(cfg.data, tok, T + 1, verbose=dist.is_main)
@@ -221,6 +221,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     else:
         manifest = read_manifest(cfg.data)
         tokenizer_spec, data_vocab = manifest["tokenizer"], manifest["vocab_size"]
+        tok = None  # built from the spec if HellaSwag or samples need it
         if cfg.init_from == "scratch":
             model_cfg = model_config(cfg, data_vocab)
             raw = GPT(model_cfg)
@@ -453,9 +454,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             from gpt2lab.evaluate import hellaswag, hellaswag_file, load_hellaswag
             from gpt2lab.tokenizer import get_tokenizer
 
+            tok = tok if tok is not None else get_tokenizer(tokenizer_spec)
             hs = hellaswag(
                 raw,
-                get_tokenizer(tokenizer_spec),
+                tok,
                 load_hellaswag(hellaswag_file(cfg.hellaswag_data), cfg.hellaswag_limit or None),
                 cfg.batch_size,
                 device,
@@ -476,7 +478,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             from gpt2lab.generate import generate
             from gpt2lab.tokenizer import get_tokenizer
 
-            tok = get_tokenizer(tokenizer_spec)
+            tok = tok if tok is not None else get_tokenizer(tokenizer_spec)
             prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [tok.eot_id]
             ids = generate(
                 raw,
