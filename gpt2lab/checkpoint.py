@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,18 @@ def model_tensors(model: GPT, tensors: dict[str, torch.Tensor] | None = None) ->
     return tensors
 
 
-def copy_weights(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> None:
+def copy_weights(
+    model: GPT, tensors: dict[str, torch.Tensor], source: str, names: Collection[str] | None = None
+) -> None:
     """Copy named tensors into the model, after checking that the names and shapes match exactly.
 
-    The one loader behind our checkpoints and Hugging Face imports: any missing, unexpected or
-    mis-shaped tensor is a UserError naming it and `source`. A tied lm_head may be absent.
+    The one loader behind our checkpoints, Hugging Face imports and LoRA adapters: any missing,
+    unexpected or mis-shaped tensor is a UserError naming it and `source`. A tied lm_head may be
+    absent. names: only these of the model's tensors are expected (an adapter's), not all of them.
     """
-    expected = dict(model.state_dict())
+    expected = {k: v for k, v in model.state_dict().items() if names is None or k in names}
     if model.config.tie_weights:
-        expected.pop("lm_head.weight")
+        expected.pop("lm_head.weight", None)
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     missing = [k for k in expected if k not in tensors]
     extra = [k for k in tensors if k not in expected]
@@ -182,32 +186,34 @@ def is_checkpoint(path: str | Path) -> bool:
         return False
 
 
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; UserError when it cannot be read (missing, truncated, foreign)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} cannot be read: {e}") from None
+
+
 def load_model(ckpt_dir: str | Path, merge: bool = True, **overrides: Any) -> GPT:
     """The GPT stored in a checkpoint directory, in eval mode; overrides set config fields.
 
     A LoRA run's checkpoint (config "lora") holds the frozen base and the adapter: it comes back
     with the adapter merged into the weights (merge=False: adapters kept apart, as training resumes).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     ckpt_dir = resolve(ckpt_dir)
     config = read_config(ckpt_dir)
     model = GPT(GPTConfig.from_dict({**config["model"], **overrides}))
     if config.get("lora"):
-        from gpt2lab.lora import apply_lora
+        from gpt2lab.lora import apply_lora_settings
 
-        lora = config["lora"]
-        with torch.random.fork_rng(devices=[]):  # A's random init is overwritten: leave the RNG alone
-            apply_lora(model, lora["targets"], lora["rank"], lora["alpha"], lora["dropout"])
+        apply_lora_settings(model, config["lora"])
     weights = Path(ckpt_dir) / WEIGHTS
     if not weights.is_file():
         raise UserError(f"{ckpt_dir}: no {WEIGHTS}")
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{weights} cannot be read: {e}") from None
-    copy_weights(model, tensors, str(weights))
+    copy_weights(model, read_safetensors(weights), str(weights))
     if config.get("lora") and merge:
         from gpt2lab.lora import merged_copy
 

@@ -270,37 +270,30 @@ def check_architecture(model: GPT, expected: dict[str, Any], source: str) -> Non
         raise UserError(f"{source} was trained on another base architecture ({', '.join(diff)})")
 
 
-def load_adapter(model: GPT, adapter_dir: str | Path, merge: bool = True) -> GPT:
+def apply_lora_settings(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
+    """apply_lora with saved settings (lora_settings' dict), to load weights into: A's random init is
+    overwritten by the load, so the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return apply_lora(
+            model, settings["targets"], settings["rank"], settings["alpha"], settings["dropout"]
+        )
+
+
+def load_adapter(model: GPT, adapter_dir: str | Path) -> GPT:
     """Put a saved adapter onto a base model (its added tokens already in place: sft.add_template_tokens),
-    merged into the weights unless merge=False. The base must have the adapter's architecture."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    merged into the weights. The base must have the adapter's architecture."""
+    from gpt2lab.checkpoint import copy_weights, read_safetensors
 
     config = read_adapter_config(adapter_dir)
     check_architecture(model, config["model"], f"adapter {adapter_dir}")
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{weights} cannot be read: {e}") from None
-    with torch.random.fork_rng(devices=[]):  # A's random init is overwritten: leave the RNG alone
-        apply_lora(model, config["targets"], config["rank"], config["alpha"], config["dropout"])
-    expected = lora_state_dict(model)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected) - {"token_rows"})
-    if missing or extra:
-        raise UserError(
-            f"{weights}: tensors do not match the adapter config (missing {missing[:1]}, extra {extra[:1]})"
-        )
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in expected:
-            got, want = tuple(tensors[name].shape), tuple(params[name].shape)
-            if got != want:
-                raise UserError(f"{weights}: {name} has shape {got}, expected {want}")
-            params[name].copy_(tensors[name])
-        if "token_rows" in tensors:
-            start = config["token_rows_start"]
-            rows = tensors["token_rows"]
+    tensors = read_safetensors(weights)
+    rows = tensors.pop("token_rows", None)
+    apply_lora_settings(model, config)
+    names = [k for k in model.state_dict() if k.endswith((".lora_A", ".lora_B"))]
+    copy_weights(model, tensors, str(weights), names=names)
+    if rows is not None:
+        start = config["token_rows_start"]
+        with torch.no_grad():
             model.transformer.wte.weight[start : start + rows.shape[0]] = rows
-    return merge_lora(model) if merge else model
+    return merge_lora(model)
