@@ -12,8 +12,6 @@ import sys
 import warnings
 from typing import Any, TextIO
 
-import torch
-
 from gpt2lab.config import ChatConfig
 from gpt2lab.errors import UserError
 
@@ -21,20 +19,18 @@ from gpt2lab.errors import UserError
 def load_chat_model(cfg: ChatConfig) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer with the template's tokens) for --ckpt / --pretrained [--adapter]."""
     from gpt2lab import sft
-    from gpt2lab.checkpoint import load_any
-    from gpt2lab.tokenizer import model_tokenizer
+    from gpt2lab.generate import load_for_sampling
 
-    model, spec = load_any(cfg.ckpt, cfg.pretrained, cfg.device, getattr(torch, cfg.dtype))
-    tok = model_tokenizer(spec, cfg.gpt2_vocab, cfg.pretrained)
-    if cfg.adapter is not None:
-        tok = sft.attach_adapter(model, tok, cfg.adapter)
+    model, tok = load_for_sampling(
+        cfg.ckpt,
+        cfg.pretrained,
+        gpt2_vocab=cfg.gpt2_vocab,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        adapter=cfg.adapter,
+    )
     sft.chat_stop_ids(tok)  # a model without the template's tokens fails here, before any input is read
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"tokenizer {tok.name!r} has {tok.vocab_size} tokens, more than the model's "
-            f"{model.config.vocab_size}"
-        )
-    return model.eval(), tok
+    return model, tok
 
 
 def fit_context(

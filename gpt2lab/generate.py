@@ -663,23 +663,37 @@ def stream_text(
 # --- `gpt2lab sample` ------------------------------------------------------------------------------
 
 
-def load_for_sampling(cfg: SampleConfig) -> tuple[Any, Any]:
-    """(model in eval mode on cfg.device, tokenizer) for --ckpt or --pretrained.
+def load_for_sampling(
+    ckpt: str | None = None,
+    pretrained: str | None = None,
+    *,
+    gpt2_vocab: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    adapter: str | None = None,
+) -> tuple[Any, Any]:
+    """(model in eval mode on device, tokenizer) for --ckpt or --pretrained, and --adapter put onto it.
 
-    A gpt2lab checkpoint whose config.json has a "tokenizer" spec uses that tokenizer; Hugging Face
-    GPT-2 weights, and checkpoints converted from them, use GPT-2's own (tokenizer.model_tokenizer).
+    The one loader of `gpt2lab sample`, `chat` and `serve`. A gpt2lab checkpoint whose config.json has
+    a "tokenizer" spec uses that tokenizer; Hugging Face GPT-2 weights, and checkpoints converted from
+    them, use GPT-2's own (tokenizer.model_tokenizer). A LoRA adapter (sft.attach_adapter) is merged
+    into the model and brings its chat template's tokens.
     """
     from gpt2lab.checkpoint import load_any
     from gpt2lab.tokenizer import model_tokenizer
 
-    model, spec = load_any(cfg.ckpt, cfg.pretrained, cfg.device, getattr(torch, cfg.dtype))
-    tokenizer = model_tokenizer(spec, cfg.gpt2_vocab, cfg.pretrained)
+    model, spec = load_any(ckpt, pretrained, device, getattr(torch, dtype))
+    tokenizer = model_tokenizer(spec, gpt2_vocab, pretrained)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens, more than the model's "
             f"vocab_size {model.config.vocab_size}"
         )
-    return model, tokenizer
+    if adapter is not None:
+        from gpt2lab import sft
+
+        tokenizer = sft.attach_adapter(model, tokenizer, adapter)
+    return model.eval(), tokenizer
 
 
 def run(cfg: SampleConfig, inp: TextIO | None = None, out: TextIO | None = None) -> None:
@@ -699,7 +713,9 @@ def run(cfg: SampleConfig, inp: TextIO | None = None, out: TextIO | None = None)
             prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --prompt-file {cfg.prompt_file}: {e}") from None
-    model, tokenizer = load_for_sampling(cfg)
+    model, tokenizer = load_for_sampling(
+        cfg.ckpt, cfg.pretrained, gpt2_vocab=cfg.gpt2_vocab, device=cfg.device, dtype=cfg.dtype
+    )
     generator = seeded_generator(next(model.parameters()).device, cfg.seed)
     kwargs = dict(
         temperature=sampling.temperature,

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from gpt2lab.config import GPTConfig, SampleConfig, ServeConfig
+from gpt2lab.config import GPTConfig, ServeConfig
 from gpt2lab.errors import UserError
 from gpt2lab.generate import KVCache, Sampling, TextDecoder, seeded_generator
 
@@ -663,23 +663,17 @@ def model_name_for(cfg: ServeConfig) -> str:
 
 
 def load(cfg: ServeConfig) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) for --ckpt or --pretrained (a Hugging Face directory's own
-    vocab.json + merges.txt serve when --gpt2-vocab is not given), with --adapter put onto it."""
+    """(model in eval mode, tokenizer) for --ckpt or --pretrained, with --adapter put onto it."""
     from gpt2lab.generate import load_for_sampling
 
-    sample = SampleConfig(
-        ckpt=cfg.ckpt,
-        pretrained=cfg.pretrained,
+    return load_for_sampling(
+        cfg.ckpt,
+        cfg.pretrained,
         gpt2_vocab=cfg.gpt2_vocab,
         device=cfg.device,
         dtype=cfg.dtype,
+        adapter=cfg.adapter,
     )
-    model, tokenizer = load_for_sampling(sample)
-    if cfg.adapter is not None:
-        from gpt2lab import sft
-
-        tokenizer = sft.attach_adapter(model, tokenizer, cfg.adapter)
-    return model, tokenizer
 
 
 def _static_page() -> str:
