@@ -69,9 +69,8 @@ class ServerProcess:
         cmd += ["--device", "cpu", "--max-batch-size", str(batch), "--max-n", "1", "--max-queue", "1024"]
         cmd += ["--max-tokens", str(max_tokens), "--max-streams", "1024"]
         self.cmd = cmd
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in __exit__); not an unread pipe
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
     def __enter__(self) -> ServerProcess:
         import httpx
@@ -79,7 +78,8 @@ class ServerProcess:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"server exited: {self.proc.stdout.read()}")
+                self.log.seek(0)
+                raise SystemExit(f"server exited: {self.log.read()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
@@ -90,9 +90,12 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+        self.log.close()
 
 
-async def one_request(client, url: str, prompt: str, seed: int, max_tokens: int) -> dict:
+async def one_request(
+    client, url: str, prompt: str, seed: int, max_tokens: int, prompt_len: int | None = None
+) -> dict:
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -127,10 +130,9 @@ async def one_request(client, url: str, prompt: str, seed: int, max_tokens: int)
     except Exception as e:  # a broken connection is an error of the run, not of the benchmark
         return {"error": f"{type(e).__name__}: {e}"}
     latency = time.perf_counter() - t0
-    prompt_len = len(prompt.encode())
     if not done or finish is None or usage is None:
         problem = f"incomplete: done={done} finish={finish} usage={usage}"
-    elif usage["prompt_tokens"] != prompt_len:
+    elif prompt_len is not None and usage["prompt_tokens"] != prompt_len:
         problem = f"prompt_tokens {usage['prompt_tokens']} != {prompt_len}"
     elif finish == "length" and usage["completion_tokens"] != max_tokens:
         problem = f"finish length with {usage['completion_tokens']} tokens"
@@ -145,7 +147,9 @@ async def one_request(client, url: str, prompt: str, seed: int, max_tokens: int)
     }
 
 
-async def load(url: str, clients: int, duration: float, max_tokens: int) -> tuple[list[dict], float]:
+async def load(
+    url: str, clients: int, duration: float, max_tokens: int, prompt_lens: dict[str, int]
+) -> tuple[list[dict], float]:
     import httpx
 
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
@@ -159,7 +163,8 @@ async def load(url: str, clients: int, duration: float, max_tokens: int) -> tupl
             k = 0
             while time.perf_counter() < stop_at:
                 prompt = PROMPTS[(c + k) % len(PROMPTS)]
-                results.append(await one_request(client, url, prompt, 1000 * c + k, max_tokens))
+                request = one_request(client, url, prompt, 1000 * c + k, max_tokens, prompt_lens[prompt])
+                results.append(await request)
                 k += 1
 
         await asyncio.gather(*(worker(c) for c in range(clients)))
@@ -213,11 +218,19 @@ def main(argv: list[str] | None = None) -> None:
 
     tmp = tempfile.TemporaryDirectory()
     ckpt = Path(args.ckpt) if args.ckpt else tiny_checkpoint(Path(tmp.name))
+    from gpt2lab.checkpoint import read_config
+    from gpt2lab.tokenizer import model_tokenizer
+
+    # usage.prompt_tokens is checked against the served model's own tokenizer
+    tok = model_tokenizer(read_config(ckpt).get("tokenizer"))
+    prompt_lens = {p: len(tok.encode(p)) for p in PROMPTS}
     batch_of = {"batched": args.batch, "sequential": 1}
     rows, rates = [], {}
     for mode in args.modes.split(","):
         with ServerProcess(ckpt, batch_of[mode], args.max_tokens) as server:
-            results, wall = asyncio.run(load(server.url, args.clients, args.duration, args.max_tokens))
+            results, wall = asyncio.run(
+                load(server.url, args.clients, args.duration, args.max_tokens, prompt_lens)
+            )
             if args.screenshot and mode == "batched":
                 screenshot(server.url, Path(args.screenshot), args.screenshot_prompt, args.screenshot_tokens)
         ok = [r for r in results if "latency" in r]
