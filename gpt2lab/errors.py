@@ -1,4 +1,4 @@
-"""The one exception type for bad input from a user (a config, a file, a request)."""
+"""The exception types for bad input from a user (a config, a file, a request) and for failed writes."""
 
 
 class UserError(ValueError):
@@ -6,4 +6,12 @@ class UserError(ValueError):
 
     The message names the offending thing and value, e.g. "n_embd 100 is not divisible by n_head 12".
     It subclasses ValueError so library callers can catch it the ordinary way.
+    """
+
+
+class WriteError(UserError):
+    """A file could not be written (full disk, quota, permissions, read-only file system).
+
+    Raised by the writers in atomic.py after they removed their partial output, so what was on disk
+    before the write is intact; training catches it to say which checkpoint that is.
     """
