@@ -42,6 +42,23 @@ def writing(path: str | Path) -> Iterator[None]:
         raise WriteError(f"cannot write {path}: {reason}") from None
 
 
+def umask() -> int:
+    """This process's umask, read without changing it where the OS allows (Linux), else briefly set."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        old = os.umask(0o022)
+        os.umask(old)
+        return old
+
+
+def ordinary_mode(path: Path) -> None:
+    """Give a file the mode the user's umask gives new files (some writers, safetensors among them,
+    create theirs 0600: a run directory shared with a team would hide its checkpoints)."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temporary sibling, fsync it, then os.replace it onto `path`."""
     path = Path(path)
@@ -49,6 +66,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     try:
         with writing(path):
             write(tmp)
+            ordinary_mode(tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

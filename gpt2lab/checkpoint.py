@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from gpt2lab.atomic import (  # noqa: F401  (atomic_write, write_json: re-exported for callers)
     atomic_write,
     fsync_directory,
+    ordinary_mode,
     read_json,
     remove_stale_temporaries,
     temporary,
@@ -165,6 +167,7 @@ def save_checkpoint(
             os.mkdir(tmp)  # the umask's mode, like every directory the user makes
             try:
                 save_file(model_tensors(model, tensors), tmp / WEIGHTS, metadata={"format": "pt"})
+                ordinary_mode(tmp / WEIGHTS)  # safetensors creates its files 0600
                 config = {
                     "format": FORMAT,
                     "version": VERSION,
@@ -296,13 +299,15 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
 def _load_error(path: Path, e: Exception) -> UserError:
     """One line for a file torch.load (weights_only) refused: torch's own message runs over many lines
     and advises weights_only=False, which would run the file's code."""
-    if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if isinstance(e, pickle.UnpicklingError) and any("GLOBAL" in line for line in lines):
         return UserError(
             f"{path} holds objects other than tensors and plain containers (not a file gpt2lab wrote); "
             "refused without running any of it"
         )
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    return UserError(f"{path} cannot be read ({type(e).__name__}{': ' + first if first else ''})")
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    detail = next((line for line in lines if not line.startswith(boilerplate)), "")
+    return UserError(f"{path} cannot be read: not a file gpt2lab wrote ({type(e).__name__}: {detail[:150]})")
 
 
 def _count(v: Any) -> bool:
@@ -343,7 +348,9 @@ def load_state(ckpt_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{ckpt_dir} has no {STATE}: it holds weights only and cannot resume training")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: pickle, zip and torch raise many types
         raise _load_error(path, e) from None
     if not isinstance(state, dict):

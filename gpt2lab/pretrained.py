@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from gpt2lab.atomic import atomic_write, read_json, write_json
-from gpt2lab.checkpoint import copy_weights, load_model, model_tensors, save_checkpoint
+from gpt2lab.checkpoint import build_model, copy_weights, load_model, model_tensors, save_checkpoint
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT
@@ -122,7 +122,11 @@ def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
             return load_file(path / "model.safetensors")
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json(index, "")
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(f"{index}: 'weight_map' must map tensor names to file names")
+            shards = sorted(set(weight_map.values()))
             return {k: v for shard in shards for k, v in load_file(path / shard).items()}
         if (path / "pytorch_model.bin").is_file():
             # weights_only=True: a pickle from the internet must not be able to run code.
@@ -138,7 +142,7 @@ def load_pretrained(name_or_dir: str | Path, **overrides: Any) -> GPT:
     hf_config = read_json(
         path / "config.json", f"{path}: no config.json (expected a Hugging Face GPT-2 directory)"
     )
-    model = GPT(config_from_hf(hf_config, str(path), **overrides))
+    model = build_model(config_from_hf(hf_config, str(path), **overrides), str(path / "config.json"))
     tensors = {}
     for name, t in read_hf_tensors(path).items():
         if name.endswith(MASK_BUFFERS):

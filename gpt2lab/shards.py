@@ -31,6 +31,7 @@ from gpt2lab.config import PrepareConfig
 from gpt2lab.errors import UserError
 from gpt2lab.progress import Progress
 from gpt2lab.sources import Corpus, ReplacementCounter, open_corpus
+from gpt2lab.tokenizer import describe_spec
 
 MAGIC = b"GPT2LABS"
 VERSION = 1
@@ -449,18 +450,13 @@ def _write_split(
 def _check_same(previous: dict[str, Any], settings: dict[str, Any], out: Path) -> None:
     for key, value in settings.items():
         if previous.get(key) != value:
-            was, now = _setting(previous.get(key)), _setting(value)
+            if key == "tokenizer":  # by kind and name: a BPE spec's ranks run to megabytes
+                what = f"{describe_spec(previous.get(key))}, not {describe_spec(value)}"
+            else:
+                what = f"{key} {_short(previous.get(key))}, not {_short(value)}"
             raise UserError(
-                f"{out} was prepared with {key} {was}, not {now}; "
-                "use another --out directory (nothing was changed)"
+                f"{out} was prepared with {what}; use another --out directory (nothing was changed)"
             )
-
-
-def _setting(value: Any) -> str:
-    """A setting for a message: a tokenizer spec by its kind and name (its ranks run to megabytes)."""
-    if isinstance(value, dict) and "kind" in value:
-        return f"{value.get('kind')} tokenizer {value.get('name', '')!r}".replace(" ''", "")
-    return _short(value)
 
 
 def build_tokenizer(cfg: PrepareConfig, corpus: Corpus) -> Any:

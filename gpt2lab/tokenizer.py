@@ -624,7 +624,9 @@ def describe_spec(spec: dict[str, Any] | None) -> str:
         return "an invalid tokenizer spec"
     kind, name = spec.get("kind"), spec.get("name")
     if kind == "char":
-        return f"a char tokenizer of {len(spec.get('chars') or '')} characters"
+        chars = spec.get("chars") if isinstance(spec.get("chars"), str) else ""
+        preview = repr(chars[:12]) + ("..." if len(chars) > 12 else "")
+        return f"a char tokenizer of {len(chars)} characters ({preview})"
     if kind == "bytes":
         return "the bytes tokenizer"
     return f"the {kind} tokenizer {str(name)[:40]!r}" if name else f"a {kind} tokenizer"

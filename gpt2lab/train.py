@@ -273,7 +273,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     cleanup.callback(distributed.teardown)
     out_dir, raw, step = Path(cfg.out_dir), None, 0
     try:
-        if cfg.threads:
+        if cfg.threads:  # this process's setting until run() returns (a caller may run more than one)
+            cleanup.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(cfg.threads)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: ~fp32 accuracy for training
         torch.backends.cudnn.allow_tf32 = True
