@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import statistics
 import sys
@@ -35,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from gpt2lab import checkpoint as ckpt
 from gpt2lab import distributed, lora
 from gpt2lab.atomic import directory_lock, writing
-from gpt2lab.config import GPTConfig, TrainConfig, pad_vocab_size
+from gpt2lab.config import GPTConfig, TrainConfig, pad_vocab_size, usable_cpus
 from gpt2lab.dataloader import ShardData
 from gpt2lab.errors import UserError, WriteError
 from gpt2lab.evaluate import hellaswag, hellaswag_file, load_hellaswag
@@ -462,6 +463,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {targets}: "
                 f"{n_train:,} of {n_all:,} parameters train ({n_train / n_all:.2%})"
             )
+        load, cpus = (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0), usable_cpus()
+        if device.type == "cpu" and not cfg.threads and load > cpus:  # bench/threads.py measured 7-12x
+            print0(f"note: the CPUs are busy (load {load:.1f} on {cpus}): --threads 1 may be far faster")
         print0(
             f"batch: {cfg.batch_size} x {'up to ' if data.padded else ''}{T} tokens x {dist.world_size} "
             f"processes x {grad_accum} accumulation = {total:,} tokens/step; {cfg.max_steps} steps"

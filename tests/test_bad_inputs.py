@@ -488,6 +488,20 @@ CASES = [
         lambda r, m: flags(r, "--learning-rat", "1e-3"),
         "unknown flag --learning-rat (did you mean --learning-rate?)",
     ),
+    Case(
+        "a character the char tokenizer lacks",
+        lambda r, m: [
+            "tokenizer",
+            "encode",
+            "--tokenizer",
+            "char",
+            "--corpus",
+            str(r / "corpus.txt"),
+            "--text",
+            "\u00e9",
+        ],
+        "characters of this char tokenizer",
+    ),
     Case("--resume with --overwrite", lambda r, m: [*resume(r), "--overwrite"], "give one"),
     # secrets
     Case(
@@ -714,3 +728,59 @@ def test_progress_lines_average_the_interval_and_the_eta_skips_the_warm_up(
         assert "0.1K tok/s | 1000 ms/step" in line and line.endswith(f"ETA 0m{remaining:02d}s"), line
     events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [round(e["tokens_per_sec"], 3) for e in events if "train_loss" in e][1:] == [128.0] * 5
+
+
+# --- the non-finite guard: truthful about which checkpoint is good ----------------------------------
+
+
+def test_a_diverging_run_is_told_which_checkpoint_is_good(base, tmp_path):
+    from gpt2lab.train import run
+
+    with contextlib.redirect_stdout(None):
+        # 1e30: the weights blow up at once; no checkpoint is claimed that was not written.
+        with pytest.raises(
+            UserError, match="No checkpoint was written yet: lower the learning rate, then start over"
+        ):
+            run(train_cfg(base / "data", tmp_path / "a", learning_rate=1e30, checkpoint_interval=100))
+        # 1e3: a checkpoint is written while the loss explodes; it is not called good.
+        with pytest.raises(
+            UserError, match=r"was saved at train loss [\d.e+]+, worse than guessing \(ln 257 = 5.55\)"
+        ):
+            run(
+                train_cfg(
+                    base / "data",
+                    tmp_path / "b",
+                    learning_rate=1e3,
+                    warmup_steps=0,
+                    max_steps=40,
+                    eval_interval=0,
+                )
+            )
+
+
+def test_non_finite_weights_are_never_written(base, tmp_path, monkeypatch):
+    from gpt2lab.train import run
+
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self, *a, **kw):
+        out = real_step(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:  # after step 3: wte's row of byte 0, which the text never holds, is inf
+            with torch.no_grad():
+                self.param_groups[0]["params"][0][0, 0] = math.inf
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    untied = {**TINY, "tie_weights": False}  # so the loss stays finite: only the weights are bad
+    expected = "step 4: the weights hold NaN or inf values; stopped without saving them"
+    with pytest.raises(UserError, match=expected), contextlib.redirect_stdout(None):
+        run(train_cfg(base / "data", tmp_path / "run", max_steps=6, eval_interval=0, model=untied))
+    assert resolve(tmp_path / "run").name == "step_000002"  # the last checkpoint written, still whole
+    load_model(resolve(tmp_path / "run"))
+
+
+def test_toml_spellings_of_flags_are_accepted(capsys):
+    assert main(["info", "--preset", "gpt2", "--n_layer", "3", "--n_inner=none"]) == 0
+    assert "gpt2: 3 layers" in capsys.readouterr().out
