@@ -34,8 +34,8 @@ from gpt2lab.atomic import (  # noqa: F401  (atomic_write, write_json: re-export
     write_json,
     writing,
 )
-from gpt2lab.config import GPTConfig
-from gpt2lab.errors import UserError, WriteError
+from gpt2lab.config import GPTConfig, is_count
+from gpt2lab.errors import UserError, WriteError, quote
 from gpt2lab.model import GPT
 
 FORMAT = "gpt2lab-checkpoint"
@@ -310,10 +310,6 @@ def _load_error(path: Path, e: Exception) -> UserError:
     return UserError(f"{path} cannot be read: not a file gpt2lab wrote ({type(e).__name__}: {detail[:150]})")
 
 
-def _count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
 def _rng_states(v: Any) -> bool:
     cpu, cuda = (v.get("cpu"), v.get("cuda")) if isinstance(v, dict) else (None, None)
     return (
@@ -327,16 +323,16 @@ def _rng_states(v: Any) -> bool:
 
 # state.pt's fields: what each must be, and how that is checked
 _STATE_FIELDS: dict[str, tuple[Any, str]] = {
-    "step": (_count, "a non-negative integer"),
+    "step": (is_count, "a non-negative integer"),
     "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict), "an optimizer state"),
     "scaler": (lambda v: isinstance(v, dict), "a GradScaler state"),
     "loader": (
-        lambda v: isinstance(v, dict) and _count(v.get("step")) and _count(v.get("micro")),
-        "a position",
+        lambda v: isinstance(v, dict) and is_count(v.get("step")) and is_count(v.get("micro")),
+        "a data-loader position",
     ),
     "best_val": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    "bad_evals": (_count, "a non-negative integer"),
-    "skips": (_count, "a non-negative integer"),
+    "bad_evals": (is_count, "a non-negative integer"),
+    "skips": (is_count, "a non-negative integer"),
     "rng": (_rng_states, "RNG states (a CPU generator state and a list of CUDA ones)"),
 }
 
@@ -359,17 +355,8 @@ def load_state(ckpt_dir: str | Path) -> dict[str, Any]:
         if name not in state:
             raise UserError(f"{path} has no {name!r}: not a complete training state")
         if not ok(state[name]):
-            raise UserError(f"{path}: {name!r} must be {what}, got {_short(state[name])}")
+            raise UserError(f"{path}: {name!r} must be {what}, got {quote(state[name])}")
     return state
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = (
-        repr(value)
-        if not isinstance(value, torch.Tensor)
-        else f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    )
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -381,12 +368,12 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is not a gpt2lab checkpoint config (format is not {FORMAT!r})")
     if config.get("version") != VERSION:
         raise UserError(
-            f"{path} has checkpoint version {_short(config.get('version'))}; this gpt2lab reads {VERSION}"
+            f"{path} has checkpoint version {quote(config.get('version'))}; this gpt2lab reads {VERSION}"
         )
     for key, kind in (("model", "an object of GPTConfig fields"), ("tokenizer", "a tokenizer spec object"),
                       ("lora", "an object of LoRA settings")):  # fmt: skip
         if (key == "model" or config.get(key) is not None) and not isinstance(config.get(key), dict):
-            raise UserError(f"{path}: {key!r} must be {kind}, got {_short(config.get(key))}")
+            raise UserError(f"{path}: {key!r} must be {kind}, got {quote(config.get(key))}")
     return config
 
 
@@ -433,7 +420,7 @@ def load_model(ckpt_dir: str | Path, merge: bool = True, **overrides: Any) -> GP
         try:
             apply_lora_settings(model, config["lora"])
         except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path}: 'lora' settings are incomplete or malformed ({_short(e)})") from None
+            raise UserError(f"{path}: 'lora' settings are incomplete or malformed ({quote(e)})") from None
     weights = Path(ckpt_dir) / WEIGHTS
     if not weights.is_file():
         raise UserError(f"{ckpt_dir}: no {WEIGHTS}")

@@ -29,7 +29,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with gpt2lab's rules: a flag is never abbreviated (--learning-rat is not --learning-rate:
     a typo must not silently set another flag), and every error is one line on stderr, exit status 2."""
 
-    argv: list[str] = []  # noqa: RUF012  (what main() parses: an unknown flag outranks a missing one)
+    argv: list[str] = []  # what main() parses: an unknown flag explains a missing one
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("allow_abbrev", False)

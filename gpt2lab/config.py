@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from gpt2lab.errors import UserError
+from gpt2lab.errors import UserError, quote
 
 FLOAT32_MAX = 3.4028234663852886e38  # weights, gradients and learning rates become float32 tensors
 
@@ -32,9 +32,9 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _value(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:60] + "..."
+def is_count(v: Any) -> bool:
+    """Whether v is a non-negative integer (not a bool, not a float that looks like one)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _type_error(hint: Any, value: Any) -> str | None:
@@ -77,7 +77,7 @@ def check_fields(config: Any) -> None:
     for f in fields(config):
         why = _type_error(hints[f.name], getattr(config, f.name))
         if why is not None:
-            raise UserError(f"{name}.{f.name} must be {why}, got {_value(getattr(config, f.name))}")
+            raise UserError(f"{name}.{f.name} must be {why}, got {quote(getattr(config, f.name))}")
 
 
 @dataclass

@@ -168,7 +168,7 @@ class ShardData:
     read the data; loader() and evaluate() give the training batches and the validation loss."""
 
     padded = False  # rows are whole windows of seq_len tokens (SFT rows are padded examples)
-    template_tokens: dict[str, int] = {}  # noqa: RUF012  (fine-tuning's chat-template tokens: none)
+    template_tokens: dict[str, int] = {}  # fine-tuning's chat-template tokens: none here
 
     def __init__(self, data_dir: str | Path):
         self.dir = Path(data_dir)

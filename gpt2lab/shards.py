@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from gpt2lab.atomic import atomic_write, directory_lock, read_json, remove_stale_temporaries, write_json
-from gpt2lab.config import PrepareConfig
-from gpt2lab.errors import UserError
+from gpt2lab.config import PrepareConfig, is_count
+from gpt2lab.errors import UserError, quote
 from gpt2lab.progress import Progress
 from gpt2lab.sources import Corpus, ReplacementCounter, open_corpus
 from gpt2lab.tokenizer import describe_spec
@@ -94,8 +94,8 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     if kind != (FORMAT, VERSION):
         raise UserError(f"{path} is not a version-{VERSION} {FORMAT} manifest")
     vocab, splits = manifest.get("vocab_size"), manifest.get("splits")
-    if not _count(vocab) or vocab == 0:
-        raise UserError(f"{path}: vocab_size must be a positive integer, got {_short(vocab)}")
+    if not is_count(vocab) or vocab == 0:
+        raise UserError(f"{path}: vocab_size must be a positive integer, got {quote(vocab)}")
     if not isinstance(manifest.get("tokenizer", {}), dict):
         raise UserError(f"{path}: 'tokenizer' must be a tokenizer spec object")
     if not isinstance(splits, dict) or not splits:
@@ -106,12 +106,12 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
             raise UserError(f"{where} must list its 'shards'")
         for name in info["shards"]:
             if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
-                raise UserError(f"{where}: shard {_short(name)} is not a file name in {data_dir}")
+                raise UserError(f"{where}: shard {quote(name)} is not a file name in {data_dir}")
         max_ids = info.get("max_ids")
         if max_ids is not None and (
             not isinstance(max_ids, list)
             or len(max_ids) != len(info["shards"])
-            or not all(_count(m) or m == -1 for m in max_ids)
+            or not all(is_count(m) or m == -1 for m in max_ids)
         ):
             raise UserError(f"{where}: 'max_ids' must give one largest token id per shard")
         for name, m in zip(info["shards"], max_ids or [], strict=False):
@@ -145,15 +145,6 @@ def check_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
             f"{source}: token id {int(tokens[bad])} is outside the vocabulary of {vocab_size} "
             "(a corrupt shard, or one from another tokenizer)"
         )
-
-
-def _count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:60] + "..."
 
 
 # --- splitting a corpus into train and val -----------------------------------------------------
@@ -453,7 +444,7 @@ def _check_same(previous: dict[str, Any], settings: dict[str, Any], out: Path) -
             if key == "tokenizer":  # by kind and name: a BPE spec's ranks run to megabytes
                 what = f"{describe_spec(previous.get(key))}, not {describe_spec(value)}"
             else:
-                what = f"{key} {_short(previous.get(key))}, not {_short(value)}"
+                what = f"{key} {quote(previous.get(key))}, not {quote(value)}"
             raise UserError(
                 f"{out} was prepared with {what}; use another --out directory (nothing was changed)"
             )

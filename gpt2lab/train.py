@@ -268,9 +268,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # --- processes, device, numerics ------------------------------------------------------------
     dist = distributed.setup(cfg.device)
     device, print0 = dist.device, distributed.print0
-    cleanup = (
-        contextlib.ExitStack()
-    )  # closed in `finally`, newest first: what must be undone whatever happens
+    cleanup = contextlib.ExitStack()  # undone in `finally`, newest first, whatever happens
     cleanup.callback(distributed.teardown)
     out_dir, raw, step = Path(cfg.out_dir), None, 0
     try:
@@ -283,9 +281,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         autocast = (
             (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         )
-        scaler = torch.amp.GradScaler(
-            device.type, enabled=amp_dtype == torch.float16
-        )  # fp16 needs loss scaling
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16: loss scaling
 
         # --- data source: token shards, or a .jsonl of examples for fine-tuning; chosen once ----------
         data = open_data(cfg, verbose=dist.is_main)
@@ -293,19 +289,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         # --- model: new, sized by the data's vocabulary, or loaded to start from ----------------------
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         if cfg.init_from == "scratch":
-            raw, model_spec, source = (
-                ckpt.build_model(model_config(cfg, data.vocab_size), "this run's config"),
-                None,
-                None,
-            )
+            raw = ckpt.build_model(model_config(cfg, data.vocab_size), "this run's config")
+            model_spec, source = None, None
         else:
             (raw, model_spec), source = load_init(cfg), cfg.init_from
         T = cfg.seq_len or raw.config.block_size
         if raw.config.block_size < T:
             raise UserError(f"seq_len {T} exceeds the model's block_size {raw.config.block_size}")
-        tokenizer_spec = data.fit(
-            raw, model_spec, source, T
-        )  # checks the two belong together; SFT adds tokens
+        # The data and the model must belong together (vocabulary, tokenizer); fine-tuning adds tokens here.
+        tokenizer_spec = data.fit(raw, model_spec, source, T)
         model_cfg = raw.config
 
         # --- LoRA: adapters on the frozen model; the chat template's token rows train with them -------
@@ -517,7 +509,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
         # --- the loop -------------------------------------------------------------------------------
         step_times: list[float] = []
-        first_step, tokens_seen, last_loss, stopped = step, 0, None, ""
+        first_step, tokens_seen, last_loss, last_logged, stopped = step, 0, None, math.nan, ""
         t_start, first_line = time.perf_counter(), None  # first_line: (time, step) of the first progress line
         window = {"steps": 0, "tokens": 0, "seconds": 0.0}  # the steps since the last progress line
         while True:
@@ -636,7 +628,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
             # --- log: throughput over the steps since the last line; ETA from the pace since the first --
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                train_loss = distributed.all_reduce_mean(loss_sum).item()
+                train_loss = last_logged = distributed.all_reduce_mean(loss_sum).item()
                 now = time.perf_counter()
                 tok_s = window["tokens"] / window["seconds"]
                 step_ms = window["seconds"] / window["steps"] * 1e3
@@ -698,7 +690,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         median_ms = statistics.median(step_times) * 1e3 if step_times else math.nan
         summary = {
             "step": step,
-            "train_loss": math.nan if last_loss is None else distributed.all_reduce_mean(last_loss).item(),
+            "train_loss": last_logged,
             "best_val_loss": best_val,
             "median_step_ms": median_ms,
             "tokens": tokens_seen,

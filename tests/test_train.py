@@ -205,8 +205,7 @@ def test_ddp_and_fsdp_two_processes_equal_one_process_with_accumulation(data, tm
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29517",
+        "--standalone",  # a free port: a fixed one collides with another test run on the same machine
         "-m",
         "gpt2lab",
         "train",
