@@ -149,6 +149,7 @@ class PrepareConfig:
     max_tokens: int | None = None  # stop the train split after this many tokens
     workers: int = 1  # tokenizer processes
     name: str | None = None  # shard file prefix (default: the source's name)
+    revision: str | None = None  # Hugging Face commit of a named dataset (default: the pinned one)
 
     def __post_init__(self) -> None:
         if self.val_fraction is not None and self.val_docs is not None:
