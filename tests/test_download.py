@@ -139,7 +139,7 @@ def test_cached_file_is_verified_and_a_changed_byte_is_refused_and_moved_aside(p
     with pytest.raises(UserError) as e:
         fetch(pin, "hint")
     msg = one_line(e)
-    actual = download.sha256_file(path.with_name(f"{path.name}.bad-{msg.split('sha256 ')[1][:12]}"))
+    actual = hashlib.sha256(bad).hexdigest()
     assert str(path) in msg and pin.sha256 in msg and actual in msg
     assert not path.exists()  # never used again: the next run downloads (or is seeded) afresh
     (aside,) = path.parent.glob(f"{path.name}.bad-*")
@@ -310,7 +310,7 @@ def test_a_given_vocabulary_is_remembered_only_when_it_is_openais(cache, no_netw
 
 def test_hub_weights_are_fetched_at_the_pinned_revision_and_checked(tmp_path, monkeypatch):
     """The hub client is replaced by one that lays out a snapshot as it does (files are symlinks to
-    blobs); gpt2's model.safetensors is checked against its recorded SHA-256."""
+    blobs); gpt2's config.json and model.safetensors are checked against their recorded SHA-256."""
     huggingface_hub = pytest.importorskip("huggingface_hub")
     from gpt2lab import pretrained
 
@@ -337,6 +337,7 @@ def test_hub_weights_are_fetched_at_the_pinned_revision_and_checked(tmp_path, mo
     assert calls == [("openai-community/gpt2", "607a30d783dfa663caf39e06633721c8d4cfcd7e")]
     blobs = sorted(p.name for p in (tmp_path / "hub" / "blobs").iterdir())
     assert blobs[0].startswith("config.json.bad-")  # the blob moved aside: the client fetches it again
+    assert not (tmp_path / "hub" / "snapshots" / calls[0][1] / "config.json").exists()
     # With the recorded hashes of these bytes, the same snapshot passes.
     hashes = {"openai-community/gpt2": {n: hashlib.sha256(b).hexdigest() for n, b in content.items()}}
     monkeypatch.setattr(download, "HUB_SHA256", hashes)
