@@ -156,23 +156,19 @@ def test_batched_prompts_equal_one_at_a_time():
 
 
 def test_batched_rows_are_exact_across_the_window_slide():
-    """In a batch the window slides for all rows at once (when the padded batch fills the context):
-    each row's logits are still those of the uncached model on that row's tokens in the window."""
+    """Each row of a batch slides its own window when its own cache row is full: its logits are those
+    of the uncached model on its own window, exactly as for its prompt alone (rows fill at different
+    steps, since their prompts differ in length)."""
     model = small_model()
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [6], [5, 3, 5]]
-    keep, P, block = 16, 9, 32
     got = list(steps(model, prompts, 50, seed=3, eot_id=None))
     for row, prompt in enumerate(prompts):
-        pad = P - len(prompt)
-        cols = [0] * pad + prompt + [int(s.tokens[row]) for s in got]  # the row as a padded buffer
-        start = 0
-        with torch.no_grad():
-            for i, s in enumerate(got):
-                n = P + i  # columns filled before this step
-                if n - start > block:
-                    start = n - keep
-                ref = model(torch.tensor([cols[max(start, pad) : n]]))[0, -1]
-                torch.testing.assert_close(s.logits[row], ref, atol=ATOL, rtol=0, msg=f"row {row} step {i}")
+        new = [int(s.tokens[row]) for s in got]
+        ref = windowed_reference(model, prompt, new, 16)
+        for i, (s, r) in enumerate(zip(got, ref, strict=True)):
+            torch.testing.assert_close(s.logits[row], r, atol=ATOL, rtol=0, msg=f"row {row} step {i}")
+    greedy = generate(model, prompts, 50, temperature=0, eot_id=None)
+    assert greedy == [generate(model, p, 50, temperature=0, eot_id=None) for p in prompts]
 
 
 def test_samples_share_one_prefill_and_differ():
@@ -490,12 +486,15 @@ def test_forward_last_only_gives_the_last_position_of_the_full_logits():
     with torch.no_grad():
         full = model(idx)
         last = model(idx, last_only=True)
-        cache = KVCache(model.config, 2, pad=torch.tensor([0, 2]))
+        cache = KVCache(model.config, 2)
+        cache.select(slice(0, 2), n_new=[6, 4])  # row 1: 4 real tokens, then 2 of right padding
         cached = model(idx, kv_cache=cache, last_only=True)
-        ref_pad = model(idx[1:, 2:])[:, -1]
+        ref_pad = model(idx[1:, :4])[:, -1]
     assert last.shape == (2, 1, 101)
     torch.testing.assert_close(last, full[:, -1:], atol=ATOL, rtol=0)
-    torch.testing.assert_close(cached[1, -1], ref_pad[0], atol=ATOL, rtol=0)  # row 1 left-padded by 2
+    torch.testing.assert_close(cached[0, -1], full[0, -1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(cached[1, -1], ref_pad[0], atol=ATOL, rtol=0)  # its own last token
+    assert cache.host_lengths == [6, 4] and cache.lengths.tolist() == [6, 4]
     with pytest.raises(UserError, match="last_only"):
         model(idx, targets=idx, last_only=True)
 

@@ -25,8 +25,9 @@ from gpt2lab.checkpoint import save_checkpoint
 from gpt2lab.cli import main
 from gpt2lab.config import ServeConfig
 from gpt2lab.errors import UserError
-from gpt2lab.generate import KVCache, Sampling, draw, generate
-from gpt2lab.server import Engine, Event, Job, RowCache, choice_seed, decode_rows
+from gpt2lab.decoder import Decoder
+from gpt2lab.engine import Engine, Event, Job, choice_seed
+from gpt2lab.generate import Sampling, draw, generate
 from gpt2lab.tokenizer import ByteTokenizer
 
 KEY = "sk-test-key"
@@ -98,23 +99,27 @@ def running(engine: Engine):
 
 
 @pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal"])
-def test_decode_rows_matches_the_uncached_model(pos_embedding):
-    """Rows of different lengths in one step: each row's logits == the plain forward of its sequence."""
+def test_decoder_rows_of_different_lengths_match_the_uncached_model(pos_embedding):
+    """One batched prefill of prompts of different lengths into chosen rows, then decode steps of
+    rows 0..n-1: each row's logits == the plain forward of its own sequence."""
     torch.manual_seed(0)
     model = small_model(pos_embedding=pos_embedding)
     seqs = [torch.randint(0, 101, (n,)).tolist() for n in (3, 9, 5)]
-    cache = RowCache(model.config, 4, torch.device("cpu"), torch.float32)
+    core = Decoder(model, 4)
     with torch.no_grad():
-        for b, s in enumerate(seqs):  # each row's prefix written directly, as a prefill leaves it
-            one = KVCache(model.config, 1, len(s) - 1)
-            model(torch.tensor([s[:-1]]), kv_cache=one)
-            cache.load(b, 1, one, len(s) - 1)
-        idx = torch.tensor([[s[-1]] for s in seqs])
-        lengths = torch.tensor([len(s) - 1 for s in seqs])
-        got = decode_rows(model, idx, cache, lengths)
-        for b, s in enumerate(seqs):
-            ref = model(torch.tensor([s]))[0, -1]
-            torch.testing.assert_close(got[b], ref, atol=1e-5, rtol=0)
+        got = core.prefill([2, 0, 1], [seqs[2], seqs[0], seqs[1]])  # rows in any order
+        for row, s in zip([2, 0, 1], [seqs[2], seqs[0], seqs[1]], strict=True):
+            torch.testing.assert_close(
+                got[[2, 0, 1].index(row)], model(torch.tensor([s]))[0, -1], atol=1e-5, rtol=0
+            )
+        for _ in range(3):
+            nxt = torch.randint(0, 101, (3,))
+            for b in range(3):
+                seqs[b].append(int(nxt[b]))
+            got = core.decode(nxt)
+            for b, s in enumerate(seqs):
+                torch.testing.assert_close(got[b], model(torch.tensor([s]))[0, -1], atol=1e-5, rtol=0)
+    assert [core.length(b) for b in range(3)] == [6, 12, 8]
 
 
 def test_draw_follows_the_probabilities_and_never_picks_a_filtered_token():
@@ -239,7 +244,7 @@ class Server:
     def __init__(self, cfg: ServeConfig, api_key: str | None = None):
         import uvicorn
 
-        from gpt2lab.server import create_app
+        from gpt2lab.server import create_app, uvicorn_config
 
         self.app = create_app(cfg, api_key=api_key)
         self.engine = self.app.state.engine
@@ -247,8 +252,7 @@ class Server:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(self.app, cfg, lifespan="on"))  # as `gpt2lab serve` runs
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> Server:
@@ -408,8 +412,8 @@ BAD = [
     ("n over the limit", {"prompt": "x", "n": 5}, None, 400, "n"),
     ("token id outside the vocab", {"prompt": [1, 257]}, None, 400, "prompt"),
     ("no prompt", {"max_tokens": 3}, None, 400, "prompt"),
-    ("echo unsupported", {"prompt": "x", "echo": True}, None, 400, "echo"),
-    ("logprobs unsupported", {"prompt": "x", "logprobs": 2}, None, 400, "logprobs"),
+    ("suffix unsupported", {"prompt": "x", "suffix": "y"}, None, 400, "suffix"),
+    ("logprobs over 20", {"prompt": "x", "logprobs": 21}, None, 400, "logprobs"),
     ("unknown field", {"prompt": "x", "file": "/etc/passwd"}, None, 400, "file"),
     ("unknown model", {"prompt": "x", "model": "gpt-4"}, None, 404, "model"),
     ("missing API key", {"prompt": "x"}, {}, 401, None),
