@@ -24,9 +24,9 @@ from test_generate import small_model
 from gpt2lab.checkpoint import save_checkpoint
 from gpt2lab.cli import main
 from gpt2lab.config import ServeConfig
-from gpt2lab.errors import UserError
 from gpt2lab.decoder import Decoder
 from gpt2lab.engine import Engine, Event, Job, choice_seed
+from gpt2lab.errors import UserError
 from gpt2lab.generate import Sampling, draw, generate
 from gpt2lab.tokenizer import ByteTokenizer
 
