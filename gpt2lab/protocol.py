@@ -63,6 +63,8 @@ class SamplingFields(Request):
     store: StrictBool | None = Field(None, description="accepted; nothing is stored")
     metadata: dict[str, StrictStr] | None = Field(None, description="accepted; changes nothing")
     service_tier: StrictStr | None = Field(None, description="accepted; changes nothing")
+    prompt_cache_key: StrictStr | None = Field(None, description="accepted; changes nothing")
+    safety_identifier: StrictStr | None = Field(None, description="accepted; changes nothing")
 
 
 class CompletionRequest(SamplingFields):
@@ -108,6 +110,7 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: StrictStr | None = Field(None, description="not supported")
     prediction: Any = Field(None, description="not supported")
     web_search_options: Any = Field(None, description="not supported")
+    verbosity: StrictStr | None = Field(None, description="not supported")
 
 
 class EmbeddingRequest(Request):

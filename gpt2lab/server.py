@@ -719,7 +719,7 @@ class API:
         for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio"):
             if getattr(req, name) is not None:
                 raise _unsupported(name, " (no tool calls or audio)")
-        for name in ("reasoning_effort", "prediction", "web_search_options"):
+        for name in ("reasoning_effort", "prediction", "web_search_options", "verbosity"):
             if getattr(req, name) is not None:
                 raise _unsupported(name)
         if req.response_format is not None and req.response_format.type != "text":
