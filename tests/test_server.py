@@ -141,13 +141,15 @@ def test_draw_follows_the_probabilities_and_never_picks_a_filtered_token():
     assert first.tolist() == draw(probs, [torch.Generator().manual_seed(i) for i in range(3)]).tolist()
 
 
-def test_engine_greedy_equals_generate_with_requests_joining_and_leaving():
+@pytest.mark.parametrize("compile", [False, True])
+def test_engine_greedy_equals_generate_with_requests_joining_and_leaving(compile):
     """Continuous batching: 6 jobs of different lengths through 3 slots, joining as others finish;
-    every job's greedy tokens == generate() on its prompt alone."""
+    every job's greedy tokens == generate() on its prompt alone. compile: the fixed-shape decode step
+    over batch buckets (CUDA graphs on a GPU, run eagerly here), free rows of a bucket computed too."""
     model = small_model(block_size=48)
     prompts = [[1, 2, 3], [7] * 11, [5, 9], [42] * 20, [3, 1, 4, 1, 5], [99]]
     max_tokens = [12, 5, 20, 9, 16, 25]
-    engine = Engine(model, ids_text, 101, max_batch_size=3, max_queue=10)
+    engine = Engine(model, ids_text, 101, max_batch_size=3, max_queue=10, compile=compile)
     with running(engine):
         specs = [dict(prompt=p, max_tokens=m) for p, m in zip(prompts, max_tokens, strict=True)]
         results = run_jobs(engine, specs, stagger=0.002)
@@ -157,6 +159,38 @@ def test_engine_greedy_equals_generate_with_requests_joining_and_leaving():
         assert c.finish == ["length"] and c.tokens == [m]
     assert engine.steps < sum(max_tokens)  # rows shared decode steps
     assert engine.active == 0 and engine.waiting == 0
+
+
+@pytest.mark.gpu
+def test_engine_cuda_graph_decode_equals_generate():
+    """--compile on a GPU: decode steps replayed from CUDA graphs (one per batch bucket) give each
+    request the tokens of the eager path."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = small_model(block_size=48).cuda()
+    prompts = [[1, 2, 3], [7] * 11, [5, 9], [42] * 20, [3, 1, 4, 1, 5]]
+    engine = Engine(model, ids_text, 101, max_batch_size=4, compile=True)
+    with running(engine):
+        results = run_jobs(engine, [dict(prompt=p, max_tokens=15) for p in prompts], stagger=0.002)
+    assert len(engine.core._graphs) >= 2  # several buckets were captured and replayed
+    for p, c in zip(prompts, results, strict=True):
+        assert c.ids() == generate(model, p, 15, temperature=0.0, eot_id=None)
+
+
+def test_joining_requests_are_prefilled_together():
+    """Jobs waiting when the engine looks are prefilled in one forward (prompts of different lengths
+    in their own rows), and each still gets exactly its own greedy continuation."""
+    model = small_model(block_size=48)
+    prompts = [[1, 2, 3], [7] * 11, [5, 9], [42] * 20, [3, 1, 4, 1, 5], [99]]
+    engine = Engine(model, ids_text, 101, max_batch_size=8)
+    collectors = [Collector(1) for _ in prompts]
+    for p, c in zip(prompts, collectors, strict=True):
+        engine.submit([Job(p, 10, Sampling(temperature=0.0), c)])
+    with running(engine):
+        assert all(c.done.wait(30) for c in collectors)
+    assert engine.prefills == 1 and engine.steps == 9  # one prefill, then 9 decode steps for all 6
+    for p, c in zip(prompts, collectors, strict=True):
+        assert c.ids() == generate(model, p, 10, temperature=0.0, eot_id=None)
 
 
 def test_engine_request_in_a_busy_batch_equals_it_alone():
