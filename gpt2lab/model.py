@@ -63,6 +63,8 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) at positions pos ((T,) or (B, T)) -> (B, T, C).
 
         mask: None for plain causal attention, else bool (B, 1, T, S), True = may attend.
+        pos: GPT-2's positions are absolute and added once in GPT.embed, so attention does not need
+        them; rotary embeddings would rotate q and k by pos here, before k goes into the cache.
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
