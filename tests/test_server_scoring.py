@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import httpx
@@ -122,22 +121,24 @@ def lm_eval_loglikelihoods(tmp: Path, url: str, model: str, examples, max_length
     name = f"gpt2lab_hs_{model.replace('-', '_')}"
     (tmp / "tasks").mkdir(exist_ok=True)
     (tmp / "tasks" / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data))
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf"))
-    out = lm_eval.simple_evaluate(
-        model="local-completions",
-        model_args={
-            "base_url": url + "/v1/completions",
-            "model": model,
-            "tokenizer_backend": "auto",  # detects /tokenizer_info and /tokenize: the remote tokenizer
-            "max_length": max_length,
-            "num_concurrent": 1,
-            "max_retries": 1,
-        },
-        tasks=[name],
-        task_manager=TaskManager(include_path=str(tmp / "tasks")),
-        log_samples=True,
-        limit=len(rows),
-    )
+    with pytest.MonkeyPatch.context() as mp:  # offline, and a private Hugging Face cache
+        for key, value in dict(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf")).items():
+            mp.setenv(key, value)
+        out = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args={
+                "base_url": url + "/v1/completions",
+                "model": model,
+                "tokenizer_backend": "auto",  # detects /tokenizer_info and /tokenize: the remote tokenizer
+                "max_length": max_length,
+                "num_concurrent": 1,
+                "max_retries": 1,
+            },
+            tasks=[name],
+            task_manager=TaskManager(include_path=str(tmp / "tasks")),
+            log_samples=True,
+            limit=len(rows),
+        )
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     return [[float(r[0][0]) for r in s["resps"]] for s in samples]
 
