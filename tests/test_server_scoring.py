@@ -135,7 +135,7 @@ def lm_eval_loglikelihoods(tmp: Path, url: str, model: str, examples, max_length
                 "max_retries": 1,
             },
             tasks=[name],
-            task_manager=TaskManager(include_path=str(tmp / "tasks")),
+            task_manager=TaskManager(include_path=str(tmp / "tasks"), include_defaults=False),
             log_samples=True,
             limit=len(rows),
         )
