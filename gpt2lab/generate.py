@@ -355,7 +355,8 @@ def load_for_sampling(
 ) -> tuple[Any, Any]:
     """(model in eval mode on device, tokenizer) for --ckpt or --pretrained, and --adapter put onto it.
 
-    The one loader of `gpt2lab sample`, `chat` and `serve`. A gpt2lab checkpoint whose config.json has
+    The inference loader of `gpt2lab sample`, `chat` and `serve` (on checkpoint.load_any, as `eval`
+    is); quantize "int8": decoder.quantize_int8 (CPU). A gpt2lab checkpoint whose config.json has
     a "tokenizer" spec uses that tokenizer; Hugging Face GPT-2 weights, and checkpoints converted from
     them, use GPT-2's own (tokenizer.model_tokenizer). A LoRA adapter (sft.attach_adapter) is merged
     into the model and brings its chat template's tokens.
@@ -374,10 +375,12 @@ def load_for_sampling(
         from gpt2lab import sft
 
         tokenizer = sft.attach_adapter(model, tokenizer, adapter)
-    if quantize != "none":
+    if quantize == "int8":
         from gpt2lab.decoder import quantize_int8
 
-        model = quantize_int8(model) if quantize == "int8" else model
+        model = quantize_int8(model)
+    elif quantize != "none":
+        raise UserError(f"quantize must be none or int8, got {quantize!r}")
     return model.eval(), tokenizer
 
 

@@ -232,7 +232,7 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
     try:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+        from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
         from starlette.exceptions import HTTPException
     except ImportError:
         raise UserError(INSTALL_HINT) from None
@@ -383,7 +383,9 @@ def create_app(cfg: ServeConfig, model: Any = None, tokenizer: Any = None, api_k
             done = await run.wait(request)
         finally:
             run.cancel()  # a no-op when every row has finished
-        return api.final(run, chat) if done else None
+        if not done:  # the client went away: nobody reads this (499: nginx's "client closed request")
+            return Response(status_code=499)
+        return api.final(run, chat)
 
     return _CatchAll(app)
 
