@@ -323,6 +323,8 @@ def test_sigkill_inside_every_write_and_at_random_moments_then_resume_is_bit_exa
         code = attempt(forkserver, "train", train_cfg(data, out), fault, log)
         assert code == -signal.SIGKILL, f"fault {fault} never fired (exit {code}):\n{log.read_text()[-3000:]}"
         killed += 1
+        if fault[0] == "after-rename":  # the run after `before-best` moved `best` to the best checkpoint
+            assert read_pointer(out, "best").name == "step_000008"
         if read_pointer(out, "latest") is not None:
             load_model(resolve(out))  # whatever `latest` names is a whole checkpoint
     rng = random.Random(15)
