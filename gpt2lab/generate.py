@@ -676,10 +676,10 @@ def load_for_sampling(
 
     The one loader of `gpt2lab sample`, `chat` and `serve`. A gpt2lab checkpoint whose config.json has
     a "tokenizer" spec uses that tokenizer; Hugging Face GPT-2 weights, and checkpoints converted from
-    them, use GPT-2's own (tokenizer.model_tokenizer). A LoRA adapter (sft.attach_adapter) is merged
+    them, use GPT-2's own (tokenizer.model_tokenizer). A LoRA adapter (interop.peft.attach_adapter) is merged
     into the model and brings its chat template's tokens.
     """
-    from gpt2lab.checkpoint import load_any
+    from gpt2lab.interop import load_any
     from gpt2lab.tokenizer import model_tokenizer
 
     model, spec = load_any(ckpt, pretrained, device, getattr(torch, dtype))
@@ -690,9 +690,9 @@ def load_for_sampling(
             f"vocab_size {model.config.vocab_size}"
         )
     if adapter is not None:
-        from gpt2lab import sft
+        from gpt2lab.interop.peft import attach_adapter
 
-        tokenizer = sft.attach_adapter(model, tokenizer, adapter)
+        tokenizer = attach_adapter(model, tokenizer, adapter)
     return model.eval(), tokenizer
 
 
