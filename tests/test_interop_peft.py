@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import randomized, small_config
 from safetensors.torch import save_file
+from test_lora import _set_adapters as set_adapters
 
 from gpt2lab import GPT, lora, sft
 from gpt2lab.checkpoint import save_checkpoint
@@ -27,15 +28,6 @@ CHAT = [{"role": "user", "content": "Hi! How are you?"}, {"role": "assistant", "
 
 def base_model(vocab_size: int, tie_weights: bool = True) -> GPT:
     return randomized(GPT(small_config(vocab_size=vocab_size, block_size=64, tie_weights=tie_weights)))
-
-
-def set_adapters(model: torch.nn.Module, seed: int = 3) -> None:
-    """Nonzero A and B (B starts at zero, which would make any adapter look right)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize(
