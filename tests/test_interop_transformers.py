@@ -96,6 +96,47 @@ def test_exported_files_are_readable_by_others_per_the_umask(tokenizers, tmp_pat
         assert p.stat().st_mode & 0o777 == 0o644, (p.name, oct(p.stat().st_mode))
 
 
+def test_an_exported_folder_samples_evaluates_and_fine_tunes_with_its_own_tokenizer(
+    tokenizers, tmp_path, capsys
+):
+    """Import mirrors export: --pretrained on a folder with a 4K BPE (not GPT-2's) uses that tokenizer."""
+    ckpt = checkpoint_with(tokenizers["bpe4k"], tmp_path / "ckpt")
+    assert main(["convert", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    args = ["sample", "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "20", "--device", "cpu"]
+    assert main([*args, "--ckpt", str(ckpt)]) == 0
+    from_ckpt = capsys.readouterr().out
+    assert main([*args, "--pretrained", str(tmp_path / "hf")]) == 0
+    assert capsys.readouterr().out == from_ckpt
+    data = tmp_path / "chat.jsonl"
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    )
+    ft = [
+        "finetune",
+        "--pretrained",
+        str(tmp_path / "hf"),
+        "--data",
+        str(data),
+        "--out-dir",
+        str(tmp_path / "ft"),
+    ]
+    assert (
+        main([*ft, "--max-steps", "2", "--batch-size", "1", "--val-fraction", "0", "--eval-interval", "0"])
+        == 0
+    )
+    assert "added tokens {'<|system|>': 4096" in capsys.readouterr().out  # after the 4K vocabulary
+
+
+def test_model_py_imports_nothing_of_checkpoints_hugging_face_or_lora():
+    code = (
+        "import sys, gpt2lab.model; bad = [m for m in sys.modules if m.startswith(('gpt2lab.checkpoint', "
+        "'gpt2lab.interop', 'gpt2lab.lora', 'transformers', 'peft', 'gguf', 'safetensors'))]; print(bad)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def test_convert_refuses_what_it_cannot_express_in_one_line(tokenizers, tmp_path, capsys):
     tok = tokenizers["bpe4k"]
     model = GPT(small_config(vocab_size=4096, pos_embedding="sinusoidal"))
