@@ -61,13 +61,10 @@ def gguf_name(name: str) -> str:
 
 def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
     """The model's tensors under GGUF names, float32 numpy, zero biases for a bias-free model."""
-    from gpt2lab.interop.hf import CONV1D, to_hf_tensors
+    from gpt2lab.interop.hf import with_biases
 
-    out = {}
-    for name, t in to_hf_tensors(model).items():  # all biases present, tied head left out
-        t = t.t() if name.endswith(CONV1D) else t  # back to nn.Linear's (out, in): llama.cpp's layout
-        out[gguf_name(name)] = t.float().contiguous().numpy()
-    return out
+    # nn.Linear's (out, in) layout is llama.cpp's; a tied head is left out (llama.cpp reuses token_embd).
+    return {gguf_name(name): t.float().contiguous().numpy() for name, t in with_biases(model).items()}
 
 
 def vocabulary(tok: Tokenizer, rows: int) -> tuple[list[str], list[int], list[str]]:

@@ -78,16 +78,20 @@ def check_convertible(cfg: Any, table: dict[str, tuple[Any, ...] | None], target
 # --- the state-dict adapter ----------------------------------------------------------------------
 
 
-def to_hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under transformers' GPT2LMHeadModel names and layouts (Conv1D transposed; zero biases
-    for a bias-free model), on CPU. A tied lm_head is left out, as transformers saves it."""
+def with_biases(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's tensors (model_tensors: on CPU, a tied lm_head left out) with zero biases where a
+    bias-free model has none: GPT-2's formats always have biases, and zeros compute the same function."""
     tensors = model_tensors(model)
-    if not model.config.bias:  # GPT-2 always has biases; zeros compute exactly the function of no bias
+    if not model.config.bias:
         for name, module in model.named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head":
-                width = module.weight.shape[0]
-                tensors[f"{name}.bias"] = torch.zeros(width, dtype=module.weight.dtype)
-    return {k: v.t().contiguous() if k.endswith(CONV1D) else v for k, v in tensors.items()}
+                tensors[f"{name}.bias"] = torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
+    return tensors
+
+
+def to_hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' GPT2LMHeadModel names and layouts (Conv1D transposed)."""
+    return {k: v.t().contiguous() if k.endswith(CONV1D) else v for k, v in with_biases(model).items()}
 
 
 def from_hf_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
