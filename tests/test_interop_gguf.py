@@ -1,6 +1,6 @@
 """GGUF export, read back by the `gguf` package's own reader (llama.cpp's gguf-py): architecture, metadata,
 token list and tensors equal to the checkpoint's (exact for f32). Running the file in llama.cpp itself is
-bench/gguf.py (it compiles llama.cpp: not CI)."""
+bench/llamacpp.py (it compiles llama.cpp: not CI)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 gpt2lab. Needs llama-cpp-python (`pip install llama-cpp-python`: it compiles llama.cpp, minutes on 2 cores),
 which is why this is a bench script and not a test. Prints a markdown table.
 
-    python bench/gguf.py --ckpt out/run --gpt2-vocab ../shared/data/gpt2
-    python bench/gguf.py --gpt2-vocab ../shared/data/gpt2   # no --ckpt: a random model, clear argmaxes
+    python bench/llamacpp.py --ckpt out/run --gpt2-vocab ../shared/data/gpt2
+    python bench/llamacpp.py --gpt2-vocab ../shared/data/gpt2   # no --ckpt: a random model, clear argmaxes
 
 Greedy decoding in llama.cpp (temperature 0, no penalties) takes the argmax over all embedding rows; gpt2lab
 takes it over the tokenizer's ids. The two agree as long as no padding row wins, which a trained model's
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import llama_cpp
     except ImportError:
-        raise SystemExit("bench/gguf.py needs llama-cpp-python: pip install llama-cpp-python") from None
+        raise SystemExit("bench/llamacpp.py needs llama-cpp-python: pip install llama-cpp-python") from None
 
     from gpt2lab import GPT, GPTConfig
     from gpt2lab.checkpoint import load_model, read_config
