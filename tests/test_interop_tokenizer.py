@@ -99,6 +99,8 @@ def test_char_and_byte_tokenizers_are_exact(kind, shared_data, tmp_path):
     assert hf(text)["input_ids"] == ids
     assert hf.decode(ids) == text
     assert same_spec(read_hf_tokenizer(out), tok)  # and gpt2lab reads the folder back to the same tokenizer
+    hf.save_pretrained(tmp_path / "resaved")  # as transformers itself writes it
+    assert same_spec(read_hf_tokenizer(tmp_path / "resaved"), tok)
     if kind == "char":  # a character outside the alphabet fails there as here: never a silent <unk>
         with pytest.raises(Exception, match="Missing \\[UNK\\]"):
             hf("caf\u00e9")
@@ -124,6 +126,8 @@ def test_apply_chat_template_equals_render_chat(base, bpe4k, tmp_path):
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == sft.chat_stop_ids(chat_tok)  # <|end|> and <|endoftext|>
     assert same_spec(read_hf_tokenizer(out), chat_tok)
+    hf.save_pretrained(tmp_path / "resaved")  # transformers' own serialization reads back the same
+    assert same_spec(read_hf_tokenizer(tmp_path / "resaved"), chat_tok)
 
 
 def test_the_exported_folder_reads_back_as_the_same_tokenizer(bpe4k, shared_data, tmp_path):
