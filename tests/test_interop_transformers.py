@@ -96,7 +96,7 @@ def test_exported_files_are_readable_by_others_per_the_umask(tokenizers, tmp_pat
         assert p.stat().st_mode & 0o777 == 0o644, (p.name, oct(p.stat().st_mode))
 
 
-def test_an_exported_folder_samples_evaluates_and_fine_tunes_with_its_own_tokenizer(
+def test_an_exported_folder_samples_and_fine_tunes_with_its_own_tokenizer_and_exports_the_chat_model(
     tokenizers, tmp_path, capsys
 ):
     """Import mirrors export: --pretrained on a folder with a 4K BPE (not GPT-2's) uses that tokenizer."""
@@ -126,6 +126,17 @@ def test_an_exported_folder_samples_evaluates_and_fine_tunes_with_its_own_tokeni
         == 0
     )
     assert "added tokens {'<|system|>': 4096" in capsys.readouterr().out  # after the 4K vocabulary
+    # The fine-tuned model exports with its chat template: transformers renders sft.render_chat's tokens.
+    assert main(["convert", "--ckpt", str(tmp_path / "ft"), "--out", str(tmp_path / "ft_hf")]) == 0
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "ft_hf")
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Once upon a time?"}]
+    got = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    got = got["input_ids"] if hasattr(got, "keys") else got
+    from gpt2lab import sft
+    from gpt2lab.checkpoint import read_config
+
+    tok = get_tokenizer(read_config(tmp_path / "ft")["tokenizer"])
+    assert list(got) == sft.render_chat(tok, messages)
 
 
 def test_model_py_imports_nothing_of_checkpoints_hugging_face_or_lora():
