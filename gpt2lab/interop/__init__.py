@@ -36,7 +36,8 @@ def load_any(
     """The model of --ckpt DIR (a checkpoint or a run directory) or --pretrained NAME_OR_DIR (Hugging
     Face GPT-2), in eval mode on `device`, and its tokenizer spec (None: GPT-2's own vocabulary).
 
-    The one loader behind `gpt2lab sample`, `chat`, `serve` and `eval`.
+    Every command that runs a model loads it here: `gpt2lab eval` directly, `sample`, `chat` and `serve`
+    through generate.load_for_sampling (which adds the tokenizer, an adapter and int8 weights).
     """
     from gpt2lab import checkpoint
     from gpt2lab.distributed import pick_device
