@@ -167,25 +167,15 @@ def test_convert_refuses_what_it_cannot_express_in_one_line(tokenizers, tmp_path
 
 # --- lm-evaluation-harness --------------------------------------------------------------------------
 
-TASK = """task: gpt2lab_hellaswag
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-validation_split: validation
-output_type: multiple_choice
-doc_to_text: query
-doc_to_target: gold
-doc_to_choice: choices
-metric_list:
-  - metric: acc
-"""
-
 
 @pytest.mark.slow
 def test_lm_eval_hellaswag_loglikelihoods_equal_gpt2lab_eval(shared_data, tmp_path, capsys):
-    """lm_eval --model hf on the exported folder, offline, on a local task built from ../shared/data."""
-    pytest.importorskip("lm_eval")
+    """lm-eval's `hf` model (what `lm_eval --model hf --model_args pretrained=DIR` runs) on the exported
+    folder, offline, on a local task built from ../shared/data."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from test_server_scoring import TASK_YAML
+
     from gpt2lab.evaluate import load_hellaswag
 
     source, n = shared_data / "hellaswag" / "hellaswag_val_subset1000.jsonl", 12
@@ -199,29 +189,29 @@ def test_lm_eval_hellaswag_loglikelihoods_equal_gpt2lab_eval(shared_data, tmp_pa
 
     # The harness's own HellaSwag preprocessing is what gpt2lab's harness-style rows use.
     docs = [
-        {"query": ex.harness_context, "choices": ex.harness_endings, "gold": ex.label}
+        {"query": ex.harness_context, "choices": ex.harness_endings, "label": ex.label}
         for ex in load_hellaswag(source, n)
     ]
     (tmp_path / "hs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "gpt2lab_hellaswag.yaml").write_text(TASK.format(data=tmp_path / "hs.jsonl"))
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-    }
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'hf'}"]
-    cmd += ["--tasks", "gpt2lab_hellaswag", "--include_path", str(tmp_path / "tasks"), "--device", "cpu"]
-    cmd += ["--batch_size", "4", "--log_samples", "--output_path", str(tmp_path / "lm_eval")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (samples,) = (tmp_path / "lm_eval").rglob("samples_gpt2lab_hellaswag_*.jsonl")
-    theirs = {}
-    for line in samples.read_text().splitlines():
-        rec = json.loads(line)
-        theirs[rec["doc_id"]] = [float(r[0]) for r in rec["filtered_resps"]]
-    assert sorted(theirs) == list(range(n))
+    task = TASK_YAML.format(name="gpt2lab_hs_export", data=tmp_path / "hs.jsonl")
+    (tmp_path / "tasks" / "gpt2lab_hs_export.yaml").write_text(task)
+    with pytest.MonkeyPatch.context() as mp:  # offline, and a private Hugging Face cache
+        for key, value in dict(
+            HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home")
+        ).items():
+            mp.setenv(key, value)
+        out = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(tmp_path / "hf"), "device": "cpu"},
+            tasks=["gpt2lab_hs_export"],
+            task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+            batch_size=4,
+            log_samples=True,
+        )
+    samples = sorted(out["samples"]["gpt2lab_hs_export"], key=lambda s: s["doc_id"])
+    theirs = [[float(r[0][0]) for r in s["resps"]] for s in samples]
+    assert len(theirs) == n
     for i, pred in enumerate(ours):
         ll = [-x for x in pred["harness_losses"]]
         assert max(abs(a - b) for a, b in zip(ll, theirs[i], strict=True)) <= 1e-4, (i, ll, theirs[i])
