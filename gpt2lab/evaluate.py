@@ -493,7 +493,7 @@ def run_loss(
     device: str | None = None,
 ) -> str:
     """`gpt2lab eval loss`: the table to print; the JSON goes to json_out, else next to the checkpoint."""
-    from gpt2lab.checkpoint import load_any
+    from gpt2lab.interop import load_any
     from gpt2lab.shards import read_manifest
     from gpt2lab.tokenizer import check_same_tokenizer
 
@@ -531,7 +531,7 @@ def run_hellaswag(
     progress: bool = True,
 ) -> str:
     """`gpt2lab eval hellaswag`: the table to print; JSON to json_out, else next to the checkpoint."""
-    from gpt2lab.checkpoint import load_any
+    from gpt2lab.interop import load_any
     from gpt2lab.tokenizer import model_tokenizer
 
     device = str(distributed.pick_device(device or "auto"))

@@ -41,6 +41,8 @@ from gpt2lab.dataloader import ShardData
 from gpt2lab.errors import UserError, WriteError
 from gpt2lab.evaluate import hellaswag, hellaswag_file, load_hellaswag
 from gpt2lab.generate import generate
+from gpt2lab.interop import peft
+from gpt2lab.interop.hf import load_pretrained, pretrained_tokenizer
 from gpt2lab.model import GPT
 from gpt2lab.sft import SFTData
 
@@ -107,9 +109,7 @@ def load_init(cfg: TrainConfig) -> tuple[GPT, dict[str, Any] | None]:
     overrides = {k: v for k, v in cfg.model.items() if k == "dropout"}
     if ckpt.is_checkpoint(cfg.init_from):
         return ckpt.load_model(cfg.init_from, **overrides), ckpt.read_config(cfg.init_from).get("tokenizer")
-    from gpt2lab.pretrained import load_pretrained  # interop: imported only when a run starts from it
-
-    return load_pretrained(cfg.init_from, **overrides), None
+    return load_pretrained(cfg.init_from, **overrides), pretrained_tokenizer(cfg.init_from)
 
 
 def open_data(cfg: TrainConfig, verbose: bool) -> ShardData | SFTData:
@@ -664,15 +664,19 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
         # --- the end: a LoRA run also writes its adapter (and, asked, the merged model) -------------
         if lora_config is not None and dist.is_main:
-            adapter_extra = {
-                "base": cfg.init_from,
-                "template_tokens": data.template_tokens,
-                "pad_vocab_multiple": cfg.pad_vocab_multiple,
-                "tokenizer": tokenizer_spec,
-                "step": step,
-            }
-            path = lora.save_adapter(raw, out_dir / "adapter", adapter_extra)
-            size = (path / lora.ADAPTER_WEIGHTS).stat().st_size
+            path = peft.save_adapter(
+                raw,
+                out_dir / "adapter",
+                base=cfg.init_from,
+                tokenizer=data.tokenizer(),
+                template_tokens=data.template_tokens,
+                extra={
+                    "pad_vocab_multiple": cfg.pad_vocab_multiple,
+                    "tokenizer": tokenizer_spec,
+                    "step": step,
+                },  # fmt: skip
+            )
+            size = (path / peft.WEIGHTS).stat().st_size
             print0(f"adapter: {path} ({size / 1e6:.2f} MB)")
             if cfg.merge:
                 merged = ckpt.save_checkpoint(

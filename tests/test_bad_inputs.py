@@ -64,7 +64,7 @@ def text() -> str:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """Good files of every kind: shards (bytes and char), a finished run, a Hugging Face directory."""
-    from gpt2lab.pretrained import save_pretrained
+    from gpt2lab.interop import save_pretrained
     from gpt2lab.train import run
 
     root = tmp_path_factory.mktemp("good")
