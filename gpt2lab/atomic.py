@@ -74,6 +74,37 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_directory(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write the directory `path` all or nothing: write(tmp) fills a new temporary sibling (made with
+    the umask's mode), whose files then get the ordinary mode and are fsynced before tmp is renamed
+    onto `path`. An existing `path` is moved aside (`.NAME.old-PID`) until the new one is in place, so
+    a crash leaves the old directory or the new one. For flat directories (files only)."""
+    path = Path(path)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had our pid
+    try:
+        with writing(path):
+            os.mkdir(tmp)  # the umask's mode, like every directory the user makes
+            write(tmp)
+            for f in tmp.iterdir():
+                ordinary_mode(f)
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if path.exists():  # keep the old one whole until the new one is in place
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, path)
+            fsync_directory(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 

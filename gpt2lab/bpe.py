@@ -20,7 +20,6 @@ import base64
 import heapq
 import json
 import operator
-import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
+from gpt2lab.atomic import atomic_directory
 from gpt2lab.errors import UserError
 from gpt2lab.progress import Progress
 
@@ -332,9 +332,6 @@ def write_tokenizer_dir(out_dir: str | Path, files: dict[str, str]) -> Path:
     tokenizer or the new one. An existing out_dir is replaced only if it is a gpt2lab tokenizer
     directory (or empty), never an unrelated folder.
     """
-    import shutil
-    import tempfile
-
     out = Path(out_dir)
     if out.exists():
         if not out.is_dir():
@@ -343,19 +340,12 @@ def write_tokenizer_dir(out_dir: str | Path, files: dict[str, str]) -> Path:
             raise UserError(
                 f"output {str(out)!r} is a non-empty folder that is not a gpt2lab tokenizer; not replaced"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    try:
+
+    def write(tmp: Path) -> None:
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return out
+
+    return atomic_directory(out, write)
 
 
 def resolve_allowed(allowed_special: AllowedSpecial, specials: dict[str, int]) -> set[str]:

@@ -25,12 +25,11 @@ from typing import Any
 import torch
 
 from gpt2lab.atomic import (  # noqa: F401  (atomic_write, write_json: re-exported for callers)
+    atomic_directory,
     atomic_write,
     fsync_directory,
-    ordinary_mode,
     read_json,
     remove_stale_temporaries,
-    temporary,
     write_json,
     writing,
 )
@@ -158,44 +157,21 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    with writing(out_dir.parent):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had our pid
-    try:
-        with writing(out_dir):
-            os.mkdir(tmp)  # the umask's mode, like every directory the user makes
-            try:
-                save_file(model_tensors(model, tensors), tmp / WEIGHTS, metadata={"format": "pt"})
-                ordinary_mode(tmp / WEIGHTS)  # safetensors creates its files 0600
-                config = {
-                    "format": FORMAT,
-                    "version": VERSION,
-                    "model": model.config.to_dict(),
-                    **(extra or {}),
-                }
-                (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-                if state is not None:
-                    torch.save(state, tmp / STATE)
-            except (RuntimeError, SafetensorError) as e:
-                reason = _write_failure(e, tmp)
-                if reason is None:
-                    raise
-                raise WriteError(f"cannot write {out_dir}: {reason}") from None
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if out_dir.exists():  # keep the old one whole until the new one is in place
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                os.rename(out_dir, old)
-                os.rename(tmp, out_dir)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, out_dir)
-            fsync_directory(out_dir.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(model_tensors(model, tensors), tmp / WEIGHTS, metadata={"format": "pt"})
+            config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), **(extra or {})}
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            if state is not None:
+                torch.save(state, tmp / STATE)
+        except (RuntimeError, SafetensorError) as e:
+            reason = _write_failure(e, tmp)
+            if reason is None:
+                raise
+            raise WriteError(f"cannot write {out_dir}: {reason}") from None
+
+    return atomic_directory(out_dir, write)
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
@@ -296,18 +272,24 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _load_error(path: Path, e: Exception) -> UserError:
-    """One line for a file torch.load (weights_only) refused: torch's own message runs over many lines
-    and advises weights_only=False, which would run the file's code."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if isinstance(e, pickle.UnpicklingError) and any("GLOBAL" in line for line in lines):
-        return UserError(
-            f"{path} holds objects other than tensors and plain containers (not a file gpt2lab wrote); "
-            "refused without running any of it"
-        )
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    detail = next((line for line in lines if not line.startswith(boilerplate)), "")
-    return UserError(f"{path} cannot be read: not a file gpt2lab wrote ({type(e).__name__}: {detail[:150]})")
+def read_pickle(path: Path, what: str = "a file gpt2lab wrote") -> Any:
+    """A torch.save file loaded with weights_only=True: tensors and plain containers only, no code from
+    the file ever runs. A file it refuses is one UserError; torch's own message runs over many lines
+    and advises weights_only=False, which would run the file's code. `what` the file should be."""
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: pickle, zip and torch raise many types
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if isinstance(e, pickle.UnpicklingError) and any("GLOBAL" in line for line in lines):
+            raise UserError(
+                f"{path} holds objects other than tensors and plain containers (not {what}); "
+                "refused without running any of it"
+            ) from None
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        detail = next((line for line in lines if not line.startswith(boilerplate)), "")
+        raise UserError(f"{path} cannot be read: not {what} ({type(e).__name__}: {detail[:150]})") from None
 
 
 def _rng_states(v: Any) -> bool:
@@ -343,12 +325,7 @@ def load_state(ckpt_dir: str | Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / STATE
     if not path.is_file():
         raise UserError(f"{ckpt_dir} has no {STATE}: it holds weights only and cannot resume training")
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file: pickle, zip and torch raise many types
-        raise _load_error(path, e) from None
+    state = read_pickle(path)
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a training state (a {type(state).__name__}, not a dict)")
     for name, (ok, what) in _STATE_FIELDS.items():

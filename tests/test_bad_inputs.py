@@ -299,6 +299,22 @@ CASES = [
         lambda r, m: ["convert", "--pretrained", str(_hf_index(r)), "--out", str(r / "ck-out")],
         "'weight_map' must map",
     ),
+    Case(
+        "HF pytorch_model.bin a code-running pickle",
+        lambda r, m: ["convert", "--pretrained", str(_hf_bin(r, None)), "--out", str(r / "ck-out")],
+        "refused without running any of it",
+    ),
+    Case(
+        "HF pytorch_model.bin a list",
+        lambda r, m: [
+            "convert",
+            "--pretrained",
+            str(_hf_bin(r, [torch.zeros(2)])),
+            "--out",
+            str(r / "ck-out"),
+        ],
+        "is not a state dict",
+    ),
     # run directories: pointers
     Case(
         "latest binary: sample",
@@ -560,6 +576,18 @@ def _hf_index(root: Path) -> Path:
     return root / "hf"
 
 
+def _hf_bin(root: Path, obj: object) -> Path:
+    """The Hugging Face folder with its weights as pytorch_model.bin holding obj (None: a pickle that
+    would run code)."""
+    (root / "hf" / "model.safetensors").unlink()
+    if obj is None:
+        Payload.marker = root / "MARKER"
+        (root / "hf" / "pytorch_model.bin").write_bytes(pickle.dumps({"wte": Payload()}, protocol=2))
+    else:
+        torch.save(obj, root / "hf" / "pytorch_model.bin")
+    return root / "hf"
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under root (hidden ones too) and its bytes' hash; the lock file records only a pid."""
     return {
@@ -672,19 +700,41 @@ def test_the_loader_checks_every_batch_against_the_vocabulary(base, tmp_path):
         loader.next_batch()
 
 
-def test_checkpoint_folders_and_files_get_the_umask_modes(base, tmp_path):
-    old = os.umask(0o022)
+def test_every_output_gets_the_modes_of_the_umask(base, tmp_path):
+    """Checkpoints, pointers, logs, a LoRA adapter and merged model, a tokenizer, shards, eval results
+    and exports: every file and folder gpt2lab writes gets what the umask gives (here 027: 0640, 0750),
+    as any other program's would. Writers that chose their own (safetensors 0600, mkdtemp 0700) hid a
+    shared run's checkpoints from the team."""
+    out = tmp_path / "out"
+    run_dir, data = out / "run", out / "data"
+    old = os.umask(0o027)
     try:
-        from gpt2lab.train import run
-
         with contextlib.redirect_stdout(None):
-            run(train_cfg(base / "data", tmp_path / "run", max_steps=2))
+            assert main(["tokenizer", "train", "--input", str(base / "corpus.txt"), "--vocab-size", "260",
+                         "--out", str(out / "tok"), "--quiet"]) == 0  # fmt: skip
+            prepare_run(
+                PrepareConfig(source=str(base / "corpus.txt"), out=str(data), tokenizer=str(out / "tok"))
+            )
+            assert main(train_args(train_cfg(data, run_dir, max_steps=2))) == 0
+            lora = train_cfg(
+                data, out / "lora", max_steps=2, init_from=str(run_dir), method="lora", merge=True
+            )
+            assert main(train_args(lora)) == 0
+            assert main(eval_loss(out, "run", "data")) == 0
+            assert main(["convert", "--ckpt", str(run_dir), "--out", str(out / "hf")]) == 0
+            assert (
+                main(["convert", "--ckpt", str(run_dir), "--format", "gguf", "--out", str(out / "m.gguf")])
+                == 0
+            )
     finally:
         os.umask(old)
-    ck = resolve(tmp_path / "run")
-    assert ck.stat().st_mode & 0o777 == 0o755
-    assert {f.stat().st_mode & 0o777 for f in ck.iterdir()} == {0o644}
-    assert (tmp_path / "run" / "latest").stat().st_mode & 0o777 == 0o644
+    written = sorted(out.rglob("*"))
+    names = {p.name for p in written}
+    for name in ("latest", "model.safetensors", "state.pt", "metrics.jsonl", "adapter_model.safetensors",
+                 "merged", "vocab.tiktoken", "manifest.json", "eval_loss_data_val.json", "m.gguf", ".lock"):  # fmt: skip
+        assert name in names, name  # each kind of output was written
+    modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in written}
+    assert {k: v for k, v in modes.items() if v != ("0o750" if (out / k).is_dir() else "0o640")} == {}
 
 
 def test_api_key_from_a_file_or_the_environment(tmp_path, monkeypatch):

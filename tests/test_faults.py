@@ -388,6 +388,13 @@ def test_sigkill_inside_prepare_then_rerun_writes_identical_bytes(forkserver, tm
     assert (out / ".notes.tmp-mine").read_text().startswith("a user's file")  # never taken for debris
 
 
+def test_the_fault_counts_are_the_documented_ones():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    train, prepare = len(TRAIN_FAULTS) + RANDOM_KILLS, len(PREPARE_FAULTS) + PREPARE_RANDOM_KILLS + 1
+    assert f"**{train} kills**" in doc and f"**{prepare} kills**" in doc
+    assert f"**{train + prepare} SIGKILLs** injected ({train} into training, {prepare} into prepare)" in doc
+
+
 # --- a full disk -------------------------------------------------------------------------------------
 
 

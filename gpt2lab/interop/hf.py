@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gpt2lab.atomic import atomic_write, read_json, write_json
-from gpt2lab.checkpoint import build_model, copy_weights, model_tensors
+from gpt2lab.checkpoint import build_model, copy_weights, model_tensors, read_pickle
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT
@@ -213,8 +213,12 @@ def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
             shards = sorted(set(weight_map.values()))
             return {k: v for shard in shards for k, v in load_file(path / shard).items()}
         if (path / "pytorch_model.bin").is_file():
-            # weights_only=True: a pickle from the internet must not be able to run code.
-            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            # weights_only: a pickle from the internet must not be able to run code.
+            bin_file = path / "pytorch_model.bin"
+            state = read_pickle(bin_file, "a PyTorch state dict")
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise UserError(f"{bin_file} is not a state dict (tensors by name)")
+            return state
     except (SafetensorError, OSError, RuntimeError, KeyError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: the weights cannot be read ({type(e).__name__}: {e})") from None
     raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
