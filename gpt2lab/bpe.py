@@ -318,11 +318,13 @@ class BPE:
             raise UserError(f"{d / META}: special_tokens must map strings to ids, got {specials!r}")
         pattern = pattern_from_name(meta.get("pattern", "gpt2"), d / META)
         if (d / TIKTOKEN_FILE).exists():
-            bpe = cls(read_tiktoken_ranks(d / TIKTOKEN_FILE), specials, pattern)
+            ranks, source = read_tiktoken_ranks(d / TIKTOKEN_FILE), d / TIKTOKEN_FILE
         else:
-            bpe = load_gpt2_files(d / ENCODER_JSON, d / VOCAB_BPE, pattern)
-            bpe = cls(bpe.ranks, specials, pattern)
-        return bpe, meta
+            ranks, source = load_gpt2_files(d / ENCODER_JSON, d / VOCAB_BPE, pattern).ranks, d / ENCODER_JSON
+        try:
+            return cls(ranks, specials, pattern), meta
+        except UserError as e:  # ranks and special tokens that do not number 0..n-1
+            raise UserError(f"{source} and the special tokens of {d / META}: {e}") from None
 
 
 def write_tokenizer_dir(out_dir: str | Path, files: dict[str, str]) -> Path:

@@ -471,6 +471,22 @@ CASES = [
         lambda r, m: bpe_prepared(r),
         "was prepared with the bpe tokenizer 'tok', not the bytes tokenizer",
     ),
+    # tokenizer folders
+    Case(
+        "tokenizer: vocab.tiktoken not text",
+        lambda r, m: _tokenizer(r, "vocab.tiktoken", lambda b: os.urandom(500)),
+        "vocab.tiktoken: cannot read tiktoken rank file",
+    ),
+    Case(
+        "tokenizer: a rank beyond the vocabulary",
+        lambda r, m: _tokenizer(r, "vocab.tiktoken", lambda b: b + b"YWJj 999999999999\n"),
+        "vocab.tiktoken and the special tokens of",
+    ),
+    Case(
+        "tokenizer: gpt2lab_tokenizer.json a list",
+        lambda r, m: _tokenizer(r, "gpt2lab_tokenizer.json", lambda b: b"[1]"),
+        "expected a JSON object",
+    ),
     # settings and flags
     *[
         Case(
@@ -574,6 +590,14 @@ def _hf_index(root: Path) -> Path:
         json.dumps({"weight_map": ["model.safetensors"]})
     )
     return root / "hf"
+
+
+def _tokenizer(root: Path, name: str, edit) -> list[str]:
+    """A trained BPE folder whose file `name` is replaced by edit(its bytes); prepare asked to use it."""
+    assert main(["tokenizer", "train", "--input", str(root / "corpus.txt"), "--vocab-size", "300",
+                 "--out", str(root / "tok"), "--quiet"]) == 0  # fmt: skip
+    _write(root / "tok" / name, edit((root / "tok" / name).read_bytes()))
+    return ["prepare", str(root / "corpus.txt"), "--out", str(root / "p"), "--tokenizer", str(root / "tok")]
 
 
 def _hf_bin(root: Path, obj: object) -> Path:
