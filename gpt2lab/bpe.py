@@ -20,7 +20,6 @@ import base64
 import heapq
 import json
 import operator
-import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
+from gpt2lab.atomic import atomic_directory
 from gpt2lab.errors import UserError
 from gpt2lab.progress import Progress
 
@@ -318,11 +318,13 @@ class BPE:
             raise UserError(f"{d / META}: special_tokens must map strings to ids, got {specials!r}")
         pattern = pattern_from_name(meta.get("pattern", "gpt2"), d / META)
         if (d / TIKTOKEN_FILE).exists():
-            bpe = cls(read_tiktoken_ranks(d / TIKTOKEN_FILE), specials, pattern)
+            ranks, source = read_tiktoken_ranks(d / TIKTOKEN_FILE), d / TIKTOKEN_FILE
         else:
-            bpe = load_gpt2_files(d / ENCODER_JSON, d / VOCAB_BPE, pattern)
-            bpe = cls(bpe.ranks, specials, pattern)
-        return bpe, meta
+            ranks, source = load_gpt2_files(d / ENCODER_JSON, d / VOCAB_BPE, pattern).ranks, d / ENCODER_JSON
+        try:
+            return cls(ranks, specials, pattern), meta
+        except UserError as e:  # ranks and special tokens that do not number 0..n-1
+            raise UserError(f"{source} and the special tokens of {d / META}: {e}") from None
 
 
 def write_tokenizer_dir(out_dir: str | Path, files: dict[str, str]) -> Path:
@@ -332,9 +334,6 @@ def write_tokenizer_dir(out_dir: str | Path, files: dict[str, str]) -> Path:
     tokenizer or the new one. An existing out_dir is replaced only if it is a gpt2lab tokenizer
     directory (or empty), never an unrelated folder.
     """
-    import shutil
-    import tempfile
-
     out = Path(out_dir)
     if out.exists():
         if not out.is_dir():
@@ -343,19 +342,12 @@ def write_tokenizer_dir(out_dir: str | Path, files: dict[str, str]) -> Path:
             raise UserError(
                 f"output {str(out)!r} is a non-empty folder that is not a gpt2lab tokenizer; not replaced"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    try:
+
+    def write(tmp: Path) -> None:
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return out
+
+    return atomic_directory(out, write)
 
 
 def resolve_allowed(allowed_special: AllowedSpecial, specials: dict[str, int]) -> set[str]:

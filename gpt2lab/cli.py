@@ -16,10 +16,67 @@ from gpt2lab.config import (
     PrepareConfig,
     SampleConfig,
     TrainConfig,
+    closest,
     finetune_defaults,
     load_recipe,
 )
 from gpt2lab.errors import UserError
+
+MAX_ERROR = 1000  # characters of an error line; a message quoting a file's contents can run to megabytes
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with gpt2lab's rules: a flag is never abbreviated (--learning-rat is not --learning-rate:
+    a typo must not silently set another flag), and every error is one line on stderr, exit status 2."""
+
+    argv: list[str] = []  # what main() parses: an unknown flag explains a missing one
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        if self.get_default("leaf_parser") is self:  # a command's parser: a typo explains a missing flag
+            flags = [
+                a
+                for a in self.argv
+                if a.startswith("--") and a.partition("=")[0] not in self._option_string_actions
+            ]
+            if flags and message.startswith("the following arguments are required"):
+                message = unknown_flags(self, flags)
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message: object) -> str:
+    """A message as one line of at most MAX_ERROR characters."""
+    text = " ".join(str(message).split())
+    return (
+        text if len(text) <= MAX_ERROR else f"{text[:MAX_ERROR]}... ({len(text) - MAX_ERROR} more characters)"
+    )
+
+
+def kebab(argv: list[str]) -> list[str]:
+    """--n_layer (the spelling of TOML recipes and config.json) as --n-layer; values and everything
+    after a bare `--` are left alone."""
+    out, rest = [], False
+    for arg in argv:
+        if arg == "--":
+            rest = True
+        elif not rest and arg.startswith("--"):
+            flag, eq, value = arg.partition("=")
+            arg = flag.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
+def unknown_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """The error for arguments no flag took, naming the known flag closest to the first one."""
+    flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    first = next((a for a in unknown if a.startswith("-")), unknown[0])
+    name = first.partition("=")[0]
+    hint = closest(name, flags).replace("'", "") if name.startswith("-") else ""
+    what = "unknown flag" if name.startswith("-") else "unexpected argument"
+    return f"{what} {name}{hint}"
 
 
 def _parse_optional(inner: type) -> Any:
@@ -57,7 +114,7 @@ def add_config_flags(
             kwargs["metavar"] = f"{kwargs['type'].__name__.upper()}|none"
         else:
             kwargs["type"] = hint
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + f.name.replace("_", "-")  # --n_layer works too: main() reads it as --n-layer
         group.add_argument(
             flag,
             dest=f.name,
@@ -214,8 +271,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API, with a web playground",
         description="One of --ckpt DIR or --pretrained NAME_OR_DIR. POST /v1/completions, GET /v1/models, "
-        "GET /health, and the playground at /. Binds 127.0.0.1 by default; another --host needs --api-key "
-        '(or $GPT2LAB_API_KEY). Needs the serve extra: pip install -e ".[serve]".',
+        "GET /health, and the playground at /. Binds 127.0.0.1 by default; another --host needs an API key: "
+        "--api-key-file FILE or $GPT2LAB_API_KEY (--api-key KEY works too, but shows the key in `ps`). "
+        'Needs the serve extra: pip install -e ".[serve]".',
     )
     add_config_flags(p, ServeConfig, "serving")
     p.set_defaults(func=cmd_serve)
@@ -225,7 +283,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpt2lab", description="GPT-2 from scratch: train, evaluate, sample, serve, fine-tune."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -447,15 +505,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     add_serve_parser(sub)
+    _mark_leaves(parser)
     return parser
 
 
+def _mark_leaves(parser: argparse.ArgumentParser) -> None:
+    """Each parser that runs a command remembers itself in the namespace, for unknown_flags."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):
+            _mark_leaves(child)
+    if not subs:
+        parser.set_defaults(leaf_parser=parser)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    Parser.argv = kebab(sys.argv[1:] if argv is None else list(argv))
+    try:
+        args, unknown = parser.parse_known_args(Parser.argv)
+        if unknown:
+            leaf = getattr(args, "leaf_parser", parser)
+            leaf.error(unknown_flags(leaf, unknown))
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     try:
         args.func(args)
     except UserError as e:
-        print(f"gpt2lab {args.command}: error: {e}", file=sys.stderr)
+        print(f"gpt2lab {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

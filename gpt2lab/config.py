@@ -4,18 +4,80 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import sys
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from gpt2lab.errors import UserError
+from gpt2lab.errors import UserError, quote
+
+FLOAT32_MAX = 3.4028234663852886e38  # weights, gradients and learning rates become float32 tensors
 
 
 def closest(name: str, choices: list[str]) -> str:
     """' (did you mean X?)' for the choice nearest to `name`, or '' when nothing is near."""
     match = difflib.get_close_matches(name, choices, n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def is_count(v: Any) -> bool:
+    """Whether v is a non-negative integer (not a bool, not a float that looks like one)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _type_error(hint: Any, value: Any) -> str | None:
+    """Why `value` is not of the type `hint` (int, float, str, bool, a Literal, X | None, dict), or None."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _type_error(inner[0], value) if len(inner) == 1 else None
+    if origin is Literal:
+        return None if value in args else f"one of {args}"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return "a number"
+        # NaN or inf would pass every range check (all comparisons with NaN are false) and poison the run
+        if not math.isfinite(value):
+            return "a finite number"
+        return None if abs(value) <= FLOAT32_MAX else "a finite number within float32's range (3.4e38)"
+    if hint is str:
+        return None if isinstance(value, str) else "text"
+    if origin is dict or hint is dict:
+        return None if isinstance(value, dict) else "a table of fields"
+    return None
+
+
+def check_fields(config: Any) -> None:
+    """UserError for the first field of a config dataclass whose value is not of its declared type.
+
+    The one check behind every config (flags, recipes, config.json files): ints are ints (not 1e8
+    nor "12"), floats are finite numbers within float32's range, Literals one of their choices. The
+    range checks in each __post_init__ run after it, on values of the right type.
+    """
+    hints = typing.get_type_hints(type(config))
+    name = type(config).__name__
+    for f in fields(config):
+        why = _type_error(hints[f.name], getattr(config, f.name))
+        if why is not None:
+            raise UserError(f"{name}.{f.name} must be {why}, got {quote(getattr(config, f.name))}")
 
 
 @dataclass
@@ -43,6 +105,10 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        for name, limit in LIMITS.items():  # before anything is allocated: a config file can ask for anything
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise UserError(f"GPTConfig.{name} {value} is beyond gpt2lab's limit of {limit:,}")
         if self.n_inner is not None and (
             not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool) or self.n_inner <= 0
         ):
@@ -68,6 +134,7 @@ class GPTConfig:
                 raise UserError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.pos_embedding == "sinusoidal" and self.n_embd % 2 != 0:
             raise UserError(f"GPTConfig.n_embd {self.n_embd} must be even for sinusoidal positions")
+        check_fields(self)  # what the checks above leave: floats that are inf
 
     @property
     def head_size(self) -> int:
@@ -97,6 +164,18 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Sizes no GPT-2-family model comes near (GPT-3 175B: 96 layers, 12288 wide, context 2048), as bounds
+# a config must stay within; memory is checked too, when a model is built (checkpoint.build_model).
+LIMITS = {
+    "block_size": 1 << 20,
+    "vocab_size": 1 << 31,  # shards hold uint32 token ids
+    "n_layer": 1024,
+    "n_head": 1 << 14,
+    "n_embd": 1 << 17,
+    "n_inner": 1 << 19,
+}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -152,6 +231,7 @@ class PrepareConfig:
     revision: str | None = None  # Hugging Face commit of a named dataset (default: the pinned one)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.val_fraction is not None and self.val_docs is not None:
             raise UserError("give --val-fraction or --val-docs, not both")
         if self.val_fraction is not None and not 0 < self.val_fraction < 1:
@@ -164,6 +244,8 @@ class PrepareConfig:
             raise UserError(
                 f"shard_tokens and workers must be positive, got {self.shard_tokens}, {self.workers}"
             )
+        if self.workers > usable_cpus():  # each worker is a process holding a tokenizer: more only contend
+            raise UserError(f"workers {self.workers} exceeds the {usable_cpus()} CPUs this process may use")
         aliases = {"eot": "<|endoftext|>", "blank-line": "\n\n"}
         if self.separator is not None:
             sep = aliases.get(self.separator, self.separator)
@@ -233,9 +315,12 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "gpt2lab"
     resume: str | None = None  # "latest" (the newest checkpoint in out_dir) or a checkpoint directory
+    overwrite: bool = False  # start over in an out_dir that holds a run, deleting that run's files first
+    threads: int | None = None  # torch's CPU threads (default: torch's choice, one per core)
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # GPTConfig field overrides
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("max_steps", "batch_size", "log_interval", "checkpoint_interval", "pad_vocab_multiple"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -252,6 +337,10 @@ class TrainConfig:
             raise UserError(
                 f"grad_clip and weight_decay must be >= 0, got {self.grad_clip}, {self.weight_decay}"
             )
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
+            raise UserError(
+                f"beta1 and beta2 must be in [0, 1) and eps > 0, got {self.beta1}, {self.beta2}, {self.eps}"
+            )
         if not 0 <= self.wsd_decay_fraction <= 1:
             raise UserError(f"wsd_decay_fraction must be in [0, 1], got {self.wsd_decay_fraction}")
         if self.lora_rank <= 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
@@ -265,6 +354,10 @@ class TrainConfig:
             raise UserError("--method lora does not run under --fsdp yet; use DDP (torchrun's default)")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"threads must be >= 1, got {self.threads}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in out_dir and --overwrite deletes it: give one")
         for name, allowed in (
             ("method", ("full", "lora")),
             ("lr_schedule", ("cosine", "constant", "wsd")),
@@ -341,6 +434,9 @@ class SampleConfig:
     compile: bool = False  # CUDA: decode through a captured CUDA graph
     quantize: Literal["none", "int8"] = "none"  # CPU: int8 weights for the Linear layers (faster decode)
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 def finetune_defaults(method: str) -> dict[str, Any]:
     """`gpt2lab finetune`'s TrainConfig defaults: a short run at a low learning rate, with a val split.
@@ -379,6 +475,9 @@ class ChatConfig:
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 # --- serving (gpt2lab serve) --------------------------------------------------------------------
 
@@ -392,7 +491,9 @@ class ServeConfig:
     adapter: str | None = None  # a LoRA adapter directory (gpt2lab finetune --method lora) put onto the model
     host: str = "127.0.0.1"  # loopback only by default; any other address needs an API key
     port: int = 8000
-    api_key: str | None = None  # clients must send `Authorization: Bearer KEY` (else $GPT2LAB_API_KEY)
+    # clients must send `Authorization: Bearer KEY`; else --api-key-file, else $GPT2LAB_API_KEY
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    api_key_file: str | None = None  # a file holding the key (not visible in `ps`, unlike --api-key)
     model_name: str | None = None  # the id /v1/models reports (default: the checkpoint's folder name)
     gpt2_vocab: str | None = None  # directory with GPT-2's encoder.json + vocab.bpe
     device: str = "auto"  # auto = cuda when available, else cpu
@@ -413,6 +514,7 @@ class ServeConfig:
     quantize: Literal["none", "int8"] = "none"  # CPU: int8 weights for the Linear layers (faster decode)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if (self.ckpt is None) == (self.pretrained is None):
             raise UserError("give exactly one of --ckpt DIR or --pretrained NAME_OR_DIR")
         if not 0 <= self.port <= 65535:
@@ -440,5 +542,26 @@ class ServeConfig:
             raise UserError(f"--quantize must be none or int8, got {self.quantize!r}")
         if self.max_n > self.max_batch_size:  # the n rows of one prompt decode in one batch
             raise UserError(f"--max-n {self.max_n} exceeds --max-batch-size {self.max_batch_size}")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise UserError("give --api-key or --api-key-file, not both")
+        if self.api_key_file is not None:
+            self.api_key = read_secret(self.api_key_file)
+        elif self.api_key is None and "GPT2LAB_API_KEY" in os.environ:
+            self.api_key = os.environ["GPT2LAB_API_KEY"]
+            if not self.api_key.strip():
+                raise UserError("GPT2LAB_API_KEY is set but empty: set a key, or unset it")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("--api-key must not be empty")
+
+
+def read_secret(path: str) -> str:
+    """The first line of a key file, stripped; UserError when it is missing, unreadable or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.readline(4096).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise UserError(f"cannot read the API key file {path!r}: {reason}") from None
+    if not key:
+        raise UserError(f"the API key file {path!r} is empty")
+    return key

@@ -15,6 +15,13 @@ the data, and so the losses, do not depend on how a global batch is split across
   of them once, in an order shuffled by (seed, epoch). The epochs form one stream of windows, and
   step k hands stream v the (k * streams + v)-th block of B: the ranks read disjoint windows, and
   every window is seen exactly once per epoch.
+
+Shards are not trusted: given the model's vocab_size, the loader checks the largest ids the manifest
+records for each shard when it opens them, and the ids of every batch it reads (an id beyond the
+vocabulary would otherwise crash training at a random step, or assert on the GPU).
+
+ShardData is the data source `train` uses for shards (sft.SFTData the one for .jsonl examples): the
+loader, the validation loss, the tokenizer and a description, behind one interface.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import numpy as np
 import torch
 
 from gpt2lab.errors import UserError
-from gpt2lab.shards import read_manifest, read_shard
+from gpt2lab.evaluate import evaluate_loss
+from gpt2lab.shards import check_ids, check_vocab, read_manifest, read_shard
+from gpt2lab.tokenizer import check_same_tokenizer, get_tokenizer
 
 
 class ShardLoader:
@@ -44,6 +53,7 @@ class ShardLoader:
         seed: int = 1337,
         device: str | torch.device = "cpu",
         grad_accum: int = 1,
+        vocab_size: int | None = None,
     ):
         if mode not in ("random", "sequential"):
             raise UserError(f"loader mode must be 'random' or 'sequential', got {mode!r}")
@@ -56,8 +66,13 @@ class ShardLoader:
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.grad_accum, self.streams = grad_accum, world_size * grad_accum
         self.mode, self.seed, self.device = mode, seed, torch.device(device)
-        shards = [read_shard(Path(data_dir) / name) for name in splits[split]["shards"]]
-        self.shards = [s for s in shards if len(s) >= seq_len + 1]  # a shard shorter than a window is unused
+        if vocab_size is not None:
+            check_vocab(self.manifest, data_dir, vocab_size, "the model's vocabulary")
+        self.vocab_size = vocab_size
+        paths = [Path(data_dir) / name for name in splits[split]["shards"]]
+        shards = [read_shard(p) for p in paths]
+        usable = [i for i, s in enumerate(shards) if len(s) >= seq_len + 1]  # shorter than a window: unused
+        self.shards, self.paths = [shards[i] for i in usable], [paths[i] for i in usable]
         self.n_tokens = sum(len(s) for s in shards)
         if mode == "random":
             if not self.shards:
@@ -108,6 +123,10 @@ class ShardLoader:
         """The next micro-batch; after grad_accum of them the loader is at the next step."""
         windows = self.windows(self.step, self.micro)
         buf = np.stack([self.shards[s][o : o + self.T + 1] for s, o in windows])  # (B, T+1)
+        if self.vocab_size is not None and int(buf.max()) >= self.vocab_size:
+            row = int(np.argmax((buf >= self.vocab_size).any(axis=1)))
+            shard, offset = windows[row]
+            check_ids(buf[row], self.vocab_size, f"{self.paths[shard]} (tokens {offset}..{offset + self.T})")
         self.step, self.micro = divmod(self.step * self.grad_accum + self.micro + 1, self.grad_accum)
         batch = torch.from_numpy(buf.astype(np.int64))
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
@@ -141,3 +160,55 @@ class ShardLoader:
         """Fraction of the split's tokens consumed across all ranks so far."""
         micro_batches = (self.step * self.grad_accum + self.micro) * self.world_size
         return micro_batches * self.B * self.T / max(self.n_tokens, 1)
+
+
+class ShardData:
+    """Token shards (`gpt2lab prepare`) as `train`'s data source: the pretraining counterpart of
+    sft.SFTData. vocab_size and tokenizer_spec come from the manifest; fit() checks that a model can
+    read the data; loader() and evaluate() give the training batches and the validation loss."""
+
+    padded = False  # rows are whole windows of seq_len tokens (SFT rows are padded examples)
+    template_tokens: dict[str, int] = {}  # fine-tuning's chat-template tokens: none here
+
+    def __init__(self, data_dir: str | Path):
+        self.dir = Path(data_dir)
+        self.manifest = read_manifest(data_dir)
+        self.vocab_size = self.manifest["vocab_size"]
+        self.tokenizer_spec = self.manifest.get("tokenizer")
+        self.has_val = "val" in self.manifest["splits"]
+        self.model_vocab: int | None = None
+        self._tokenizer: Any = None
+        tokens = {k: v.get("tokens", 0) for k, v in self.manifest["splits"].items()}
+        self.description = f"{self.dir}: " + ", ".join(f"{k} {n:,} tokens" for k, n in tokens.items())
+
+    def fit(self, model: Any, model_spec: dict[str, Any] | None, source: str | None, seq_len: int) -> Any:
+        """Check that `model` (new, or loaded from `source` with tokenizer spec model_spec) can train on
+        this data: every id inside its vocabulary and, for a loaded model, the same tokenizer.
+        Returns the tokenizer spec the checkpoints record."""
+        check_vocab(self.manifest, self.dir, model.config.vocab_size, "the model's")
+        if source is not None:
+            check_same_tokenizer(self.tokenizer_spec, model_spec, str(self.dir), source)
+        self.model_vocab = model.config.vocab_size
+        return self.tokenizer_spec
+
+    def loader(
+        self, batch_size: int, seq_len: int, rank: int, world_size: int, seed: int, device: Any,
+        grad_accum: int, mode: Literal["random", "sequential"] = "random",
+    ) -> ShardLoader:  # fmt: skip
+        """The training batches of this process (after fit: their ids checked against the model's vocab)."""
+        args = (self.dir, "train", batch_size, seq_len, rank, world_size, mode, seed, device, grad_accum)
+        return ShardLoader(*args, vocab_size=self.model_vocab)
+
+    def evaluate(
+        self, model: Any, batch_size: int, seq_len: int, max_tokens: int | None, device: Any, autocast: Any
+    ) -> dict[str, float]:
+        """Loss and perplexity over the val split (its first max_tokens; None: all of it)."""
+        return evaluate_loss(model, self.dir, "val", batch_size, seq_len, max_tokens, device, autocast)
+
+    def tokenizer(self) -> Any:
+        """The data's tokenizer (for HellaSwag and samples), built on first use."""
+        if self._tokenizer is None:
+            if self.tokenizer_spec is None:
+                raise UserError(f"{self.dir / 'manifest.json'} records no tokenizer")
+            self._tokenizer = get_tokenizer(self.tokenizer_spec)
+        return self._tokenizer

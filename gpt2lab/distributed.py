@@ -7,6 +7,7 @@ home-made: torchrun sets the environment, init_process_group reads it.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,12 @@ def setup(device: str = "auto") -> Dist:
 
 
 def teardown() -> None:
+    """Leave the process group. First a pause with the GIL released: a gloo worker thread frees the
+    last collective's tensors after the collective returns, which needs the GIL, while the group's
+    destructor joins those threads holding it. Without the pause a run could hang at its very end
+    (seen: a 2-process run whose last all-reduce came just before its exit, on a busy CPU)."""
     if dist.is_initialized():
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 

@@ -138,17 +138,13 @@ def evaluate_loss(
     per token id from the manifest's tokenizer (decode_bytes of that id; EOT counts 0), so models
     with different tokenizers are compared on the same text.
     """
-    from gpt2lab.shards import read_manifest, read_shard
+    from gpt2lab.shards import check_ids, check_vocab, read_manifest, read_shard
 
     manifest = read_manifest(data_dir)
     splits = manifest["splits"]
     if split not in splits:
         raise UserError(f"{data_dir} has no {split!r} split; it has {sorted(splits)}")
-    if manifest["vocab_size"] > model.config.vocab_size:
-        raise UserError(
-            f"{data_dir} was tokenized with a vocabulary of {manifest['vocab_size']} ids but the model's "
-            f"has only {model.config.vocab_size}: they do not belong together"
-        )
+    check_vocab(manifest, data_dir, model.config.vocab_size, "the model's")
     T = model.config.block_size if seq_len is None else seq_len
     if not 0 < T <= model.config.block_size:
         raise UserError(f"seq_len {T} must be in [1, the model's context {model.config.block_size}]")
@@ -177,7 +173,9 @@ def evaluate_loss(
             y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
             for i, w in enumerate(rows):
                 a = w * T
-                chunk = torch.from_numpy(stream.read(a, min(a + T, n_targets) + 1))  # inputs + 1
+                ids = stream.read(a, min(a + T, n_targets) + 1)  # inputs + 1
+                check_ids(ids, model.config.vocab_size, f"{data_dir} {split} split, tokens {a}..")
+                chunk = torch.from_numpy(ids)
                 n = len(chunk) - 1
                 x[i, :n], y[i, :n] = chunk[:-1], chunk[1:]
             count = int((y != IGNORE_INDEX).sum())
@@ -463,6 +461,7 @@ def _predict(ex: Example, loss: list[float], counts: list[int], harness_loss: li
 def _write_result(
     result: dict[str, Any], json_out: str | Path | None, ckpt: str | Path | None, kind: str
 ) -> str:
+    """Write result to json_out, else next to the checkpoint as eval_<kind>.json (kind names the data)."""
     from gpt2lab.atomic import write_json
 
     path = Path(json_out) if json_out is not None else None
@@ -495,13 +494,20 @@ def run_loss(
 ) -> str:
     """`gpt2lab eval loss`: the table to print; the JSON goes to json_out, else next to the checkpoint."""
     from gpt2lab.interop import load_any
+    from gpt2lab.shards import read_manifest
+    from gpt2lab.tokenizer import check_same_tokenizer
 
     device = str(distributed.pick_device(device or "auto"))
-    model, _ = load_any(ckpt, pretrained, device)
+    manifest = read_manifest(data)
+    model, spec = load_any(ckpt, pretrained, device)
+    if manifest["vocab_size"] <= model.config.vocab_size:  # else evaluate_loss says what is wrong
+        check_same_tokenizer(manifest.get("tokenizer"), spec, str(data), str(ckpt or pretrained))
     result = evaluate_loss(
         model, data, split, batch_size, seq_len, max_tokens, device=device, vocab_dir=gpt2_vocab
     )
     result = {**result, "split": split, "data": str(data), "model": str(ckpt or pretrained)}
+    # Named by the data: scoring another data set never replaces this one's result.
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(data).resolve().name) or "data"
     table = _table(
         [
             ("loss", f"{result['loss']:.4f}"),
@@ -510,7 +516,7 @@ def run_loss(
             ("tokens", str(result["tokens"])),
         ]
     )
-    return table + _write_result(result, json_out, ckpt, "loss")
+    return table + _write_result(result, json_out, ckpt, f"loss_{name}_{split}")
 
 
 def run_hellaswag(

@@ -1016,7 +1016,8 @@ def check_bind(host: str, api_key: str | None) -> None:
     """Refuse to listen beyond this machine without an API key."""
     if not is_loopback(host) and api_key is None:
         raise UserError(
-            f"--host {host} is reachable from other machines: give --api-key KEY (or set GPT2LAB_API_KEY)"
+            f"--host {host} is reachable from other machines: give --api-key-file FILE "
+            "(or set GPT2LAB_API_KEY)"
         )
 
 

@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt2lab import distributed
 from gpt2lab.config import pad_vocab_size
 from gpt2lab.errors import UserError
+from gpt2lab.evaluate import evaluate_batches
 from gpt2lab.model import GPT, IGNORE_INDEX
-from gpt2lab.tokenizer import AddedTokens, Tokenizer
+from gpt2lab.tokenizer import AddedTokens, Tokenizer, model_tokenizer
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 TEMPLATE_TOKENS = (SYSTEM, USER, ASSISTANT, END)
@@ -298,3 +300,52 @@ def eval_batches(
     mine = sorted(examples[rank::world_size], key=lambda e: len(e[0]))
     for b in range(0, len(mine), batch_size):
         yield collate(mine[b : b + batch_size], pad_id)
+
+
+class SFTData:
+    """A .jsonl of examples as `train`'s data source: the fine-tuning counterpart of
+    dataloader.ShardData, with the same members. The examples are tokenized in fit(), by the starting
+    model's tokenizer plus the chat template's tokens (added to the model's vocabulary there too)."""
+
+    padded = True  # each row is one example, padded to the longest in its batch
+
+    def __init__(self, path: str | Path, val_path: str | Path | None, val_fraction: float, seed: int,
+                 pad_multiple: int, verbose: bool):  # fmt: skip
+        self.path, self.val_path, self.val_fraction, self.seed = Path(path), val_path, val_fraction, seed
+        self.pad_multiple, self.verbose = pad_multiple, verbose
+        self.vocab_size = None  # known once the starting model's tokenizer is: fine-tuning needs a model
+        self.template_tokens: dict[str, int] = {}
+        self.has_val, self.description = False, str(path)
+
+    def fit(self, model: GPT, model_spec: dict[str, Any] | None, source: str | None, seq_len: int) -> Any:
+        """Add the template tokens to `model` (loaded from `source`, tokenizer spec model_spec), tokenize
+        the examples (cut to seq_len + 1 tokens) and split off val; returns the tokenizer spec to record."""
+        self.tok, added = add_template_tokens(
+            model, model_tokenizer(model_spec, model_dir=source), self.pad_multiple
+        )
+        self.template_tokens = {t: self.tok.special_tokens[t] for t in TEMPLATE_TOKENS}
+        examples = load_examples(self.path, self.tok, seq_len + 1, self.verbose)
+        if self.val_path:
+            self.train, self.val = examples, load_examples(self.val_path, self.tok, seq_len + 1, self.verbose)
+        else:
+            self.train, self.val = split_examples(examples, self.val_fraction, self.seed)
+        self.has_val = bool(self.val)
+        self.description = f"{len(self.train)} train / {len(self.val)} val examples from {self.path}"
+        if added:
+            self.description += f"; added tokens {added} (model vocab {model.config.vocab_size})"
+        return self.tok.to_spec()
+
+    def loader(self, batch_size: int, seq_len: int, rank: int, world_size: int, seed: int, device: Any,
+               grad_accum: int, mode: str = "random") -> SFTLoader:  # fmt: skip
+        """The training batches of this process (rows of whole examples: `mode` does not apply)."""
+        return SFTLoader(self.train, batch_size, self.tok.eot_id, rank, world_size, seed, device, grad_accum)
+
+    def evaluate(self, model: GPT, batch_size: int, seq_len: int, max_tokens: int | None, device: Any,
+                 autocast: Any) -> dict[str, float]:  # fmt: skip
+        """Loss and perplexity over every val example, each once (max_tokens does not apply)."""
+        rank, world = distributed.rank_world()
+        batches = eval_batches(self.val, batch_size, self.tok.eot_id, rank, world)
+        return evaluate_batches(model, batches, device, autocast=autocast)
+
+    def tokenizer(self) -> Tokenizer:
+        return self.tok

@@ -7,12 +7,15 @@ written as EOT followed by its tokens, as GPT-2 separated documents.
 Robustness: each shard is written under a temporary name and renamed when complete; after each
 shard a small state file records how far the source has been consumed, so a killed run resumes
 where it stopped and produces the same bytes. manifest.json is written last: a loader reads only
-directories that have one, so an unfinished prepare is never trained on.
+directories that have one, so an unfinished prepare is never trained on. The output directory is
+locked while prepare runs, and only prepare's own temporaries are ever removed from it.
+
+Trust: manifest.json records each shard's largest token id (`max_ids`), so a reader checks at once
+that the data fits a model's vocabulary; the loaders also check the ids of every batch they read.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import struct
 import time
@@ -23,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from gpt2lab.atomic import atomic_write, read_json, remove_stale_temporaries, write_json
-from gpt2lab.config import PrepareConfig
-from gpt2lab.errors import UserError
+from gpt2lab.atomic import atomic_write, directory_lock, read_json, remove_stale_temporaries, write_json
+from gpt2lab.config import PrepareConfig, is_count
+from gpt2lab.errors import UserError, quote
 from gpt2lab.progress import Progress
 from gpt2lab.sources import Corpus, ReplacementCounter, open_corpus
+from gpt2lab.tokenizer import describe_spec
 
 MAGIC = b"GPT2LABS"
 VERSION = 1
@@ -80,6 +84,8 @@ def read_shard(path: str | Path) -> np.ndarray:
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """manifest.json of a prepared directory, its structure checked: the vocabulary size, and per split
+    the shard files (plain names inside data_dir), token counts and, when recorded, largest ids."""
     path = Path(data_dir) / MANIFEST
     manifest = read_json(
         path, f"{data_dir} has no {MANIFEST}: prepare it first (gpt2lab prepare SOURCE --out DIR)"
@@ -87,7 +93,58 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     kind = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else None
     if kind != (FORMAT, VERSION):
         raise UserError(f"{path} is not a version-{VERSION} {FORMAT} manifest")
+    vocab, splits = manifest.get("vocab_size"), manifest.get("splits")
+    if not is_count(vocab) or vocab == 0:
+        raise UserError(f"{path}: vocab_size must be a positive integer, got {quote(vocab)}")
+    if not isinstance(manifest.get("tokenizer", {}), dict):
+        raise UserError(f"{path}: 'tokenizer' must be a tokenizer spec object")
+    if not isinstance(splits, dict) or not splits:
+        raise UserError(f"{path}: 'splits' must map split names to their shards")
+    for split, info in splits.items():
+        where = f"{path}: split {split!r}"
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise UserError(f"{where} must list its 'shards'")
+        for name in info["shards"]:
+            if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+                raise UserError(f"{where}: shard {quote(name)} is not a file name in {data_dir}")
+        max_ids = info.get("max_ids")
+        if max_ids is not None and (
+            not isinstance(max_ids, list)
+            or len(max_ids) != len(info["shards"])
+            or not all(is_count(m) or m == -1 for m in max_ids)
+        ):
+            raise UserError(f"{where}: 'max_ids' must give one largest token id per shard")
+        for name, m in zip(info["shards"], max_ids or [], strict=False):
+            if m >= vocab:
+                raise UserError(
+                    f"{Path(data_dir) / name} holds token id {m}, outside the manifest's vocab_size {vocab}"
+                )
     return manifest
+
+
+def check_vocab(manifest: dict[str, Any], data_dir: str | Path, vocab_size: int, whose: str) -> None:
+    """UserError when the data holds (or, by its manifest, may hold) ids a model of vocab_size lacks."""
+    if manifest["vocab_size"] > vocab_size:
+        raise UserError(
+            f"{data_dir} was tokenized with a vocabulary of {manifest['vocab_size']} ids but {whose} has "
+            f"only {vocab_size}: they do not belong together"
+        )
+    for info in manifest["splits"].values():
+        for name, m in zip(info["shards"], info.get("max_ids") or [], strict=True):
+            if m >= vocab_size:
+                raise UserError(
+                    f"{Path(data_dir) / name} holds token id {m}, outside {whose} of {vocab_size}"
+                )
+
+
+def check_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
+    """UserError naming `source` when tokens hold an id >= vocab_size (a corrupt or foreign shard)."""
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise UserError(
+            f"{source}: token id {int(tokens[bad])} is outside the vocabulary of {vocab_size} "
+            "(a corrupt shard, or one from another tokenizer)"
+        )
 
 
 # --- splitting a corpus into train and val -----------------------------------------------------
@@ -97,8 +154,10 @@ def split_streams(corpus: Corpus, cfg: PrepareConfig) -> dict[str, Any]:
     """{split: () -> documents}, in the order the splits are written, and the val policy used.
 
     A corpus with its own validation split keeps it. Otherwise val is either the first
-    `val_docs` documents, or the last `val_fraction` of the text by characters: the document that
-    crosses the boundary is cut there (as nanoGPT cuts tinyshakespeare at 90%).
+    `val_docs` documents, or the last `val_fraction` of the text by characters. A corpus of one
+    document is cut there (as nanoGPT cuts tinyshakespeare at 90%); a corpus of several is split
+    between documents, so none is cut in two: the document that crosses the boundary goes to the
+    side that holds most of it (and each side keeps at least one document).
     """
     if "all" not in corpus.splits:
         if cfg.val_docs is not None or cfg.val_fraction is not None:
@@ -115,22 +174,24 @@ def split_streams(corpus: Corpus, cfg: PrepareConfig) -> dict[str, Any]:
             "val": f"the first {n} documents",
         }
     frac = policy["val_fraction"]
-    cut = round(sum(len(d) for d in stream()) * (1 - frac))  # one counting pass over the text
+    lengths = [len(d) for d in stream()]  # one counting pass over the text
+    cut = round(sum(lengths) * (1 - frac))
+    if len(lengths) > 1:
+        ends = np.cumsum(lengths)
+        k = int(np.searchsorted(ends, cut, side="right"))  # the document that crosses (or starts at) the cut
+        if k < len(lengths) and cut - (ends[k] - lengths[k]) > lengths[k] / 2:
+            k += 1  # most of it lies before the cut: it stays in train
+        k = min(max(k, 1), len(lengths) - 1)
+        return {
+            "splits": {"train": lambda: islice(stream(), k), "val": lambda: islice(stream(), k, None)},
+            "val": f"the last {frac:g} of the text by characters, in whole documents",
+        }
 
     def part(want_val: bool) -> Iterator[str]:
-        offset = 0
         for doc in stream():
-            start, offset = offset, offset + len(doc)
-            if offset <= cut:  # wholly before the boundary
-                if not want_val:
-                    yield doc
-            elif start >= cut:  # wholly after
-                if want_val:
-                    yield doc
-            else:
-                piece = doc[cut - start :] if want_val else doc[: cut - start]
-                if piece.strip():
-                    yield piece
+            piece = doc[cut:] if want_val else doc[:cut]
+            if piece.strip():
+                yield piece
 
     return {
         "splits": {"train": lambda: part(False), "val": lambda: part(True)},
@@ -227,19 +288,36 @@ def prepare(cfg: PrepareConfig, tok: Any, log: Any = print) -> dict[str, Any]:
     settings = _settings(cfg, corpus, tok, plan["val"])
     name = cfg.name or corpus.name
 
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
-        _check_same(manifest["settings"], settings, out)
+        _check_same(manifest.get("settings", {}), settings, out)
         log(f"{out} is already prepared with these settings; nothing to do")
         return manifest
+    with directory_lock(out, "gpt2lab prepare"):
+        return _prepare_locked(cfg, tok, log, out, corpus, plan, settings, name)
+
+
+def _prepare_locked(
+    cfg: PrepareConfig,
+    tok: Any,
+    log: Any,
+    out: Path,
+    corpus: Corpus,
+    plan: dict[str, Any],
+    settings: dict[str, Any],
+    name: str,
+) -> dict[str, Any]:
     state: dict[str, Any] = {"settings": settings, "splits": {}}
     if (out / STATE).is_file():
-        previous = json.loads((out / STATE).read_text())
-        _check_same(previous["settings"], settings, out)
+        previous = read_json(out / STATE, "")
+        if not isinstance(previous, dict) or not isinstance(previous.get("splits"), dict):
+            raise UserError(f"{out / STATE} is not a prepare state; delete it to start this prepare over")
+        _check_same(previous.get("settings", {}), settings, out)
         state = previous
         log(f"resuming the interrupted prepare in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
+    remove_stale_temporaries(out, [f"{name}_*.bin", STATE, MANIFEST])
     pool = worker_pool(tok, cfg.workers, cfg.gpt2_vocab)
     try:
         for split, stream in plan["splits"].items():
@@ -260,7 +338,12 @@ def prepare(cfg: PrepareConfig, tok: Any, log: Any = print) -> dict[str, Any]:
         "settings": settings,
         "replaced_undecodable_bytes": state.get("replaced", 0),
         "splits": {
-            split: {"tokens": st["tokens"], "documents": st["documents"], "shards": st["shards"]}
+            split: {
+                "tokens": st["tokens"],
+                "documents": st["documents"],
+                "shards": st["shards"],
+                "max_ids": _max_ids(out, st),
+            }
             for split, st in state["splits"].items()
         },
     }
@@ -270,6 +353,16 @@ def prepare(cfg: PrepareConfig, tok: Any, log: Any = print) -> dict[str, Any]:
         n = manifest["replaced_undecodable_bytes"]
         log(f"warning: {n} undecodable byte sequences were replaced by U+FFFD")
     return manifest
+
+
+def _max_ids(out: Path, st: dict[str, Any]) -> list[int]:
+    """The largest token id of each shard of a split: recorded as they were written, or (for shards a
+    prepare from before that record was written) read back from the shard."""
+    known = st.get("max_ids", [])
+    return [
+        known[i] if i < len(known) else int(np.max(read_shard(out / shard), initial=-1))
+        for i, shard in enumerate(st["shards"])
+    ]
 
 
 def _write_split(
@@ -305,6 +398,7 @@ def _write_split(
     def flush(n: int) -> None:
         shard = f"{prefix.name}_{split}_{len(st['shards']):06d}.bin"
         write_shard(out / shard, buffer[:n])
+        st["max_ids"] = [*_max_ids(out, st), int(buffer[:n].max())]
         st["shards"].append(shard)
         st["tokens"] += n
 
@@ -347,9 +441,12 @@ def _write_split(
 def _check_same(previous: dict[str, Any], settings: dict[str, Any], out: Path) -> None:
     for key, value in settings.items():
         if previous.get(key) != value:
+            if key == "tokenizer":  # by kind and name: a BPE spec's ranks run to megabytes
+                what = f"{describe_spec(previous.get(key))}, not {describe_spec(value)}"
+            else:
+                what = f"{key} {quote(previous.get(key))}, not {quote(value)}"
             raise UserError(
-                f"{out} was prepared with {key} {previous.get(key)!r}, not {value!r}; "
-                "use another --out directory (nothing was changed)"
+                f"{out} was prepared with {what}; use another --out directory (nothing was changed)"
             )
 
 
@@ -370,6 +467,11 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     """`gpt2lab prepare`: build the tokenizer, write the shards, print a summary."""
     if not cfg.source or not cfg.out:
         raise UserError("prepare needs a SOURCE and --out DIR")
+    source = Path(cfg.source)
+    if source.exists() and not (source.is_file() or source.is_dir()):
+        raise UserError(f"{cfg.source} is not a regular file or a folder (a device or pipe never ends)")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out} is a file, not a directory")
     t0 = time.perf_counter()
     corpus = open_corpus(cfg.source, cfg.separator, cfg.text_field, cfg.revision)
     manifest = prepare(cfg, build_tokenizer(cfg, corpus))
@@ -378,5 +480,5 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         for split, s in manifest["splits"].items()
     )
     took = time.perf_counter() - t0
-    print(f"{cfg.out}: {counts}; vocab {manifest['vocab_size']}, {manifest['dtype']} ({took:.1f}s)")
+    print(f"{cfg.out}: {counts}; vocab {manifest['vocab_size']}, {manifest.get('dtype')} ({took:.1f}s)")
     return manifest

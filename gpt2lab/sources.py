@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,20 +44,25 @@ codecs.register_error("gpt2lab-replace", _count_and_replace)
 DECODE_ERRORS = "gpt2lab-replace"  # like errors="replace", and counted in ReplacementCounter.count
 
 
+BLANK_LINE = re.compile(r"\n(?:[^\S\n]*\n)+")  # one or more lines holding nothing but whitespace
+
+
 def split_text(chunks: Iterator[str], separator: str | None) -> Iterator[str]:
     """Documents from a stream of text chunks: cut at every separator, stripped, empty ones dropped.
 
-    With no separator the whole stream is one document, kept exactly as it is.
+    With no separator the whole stream is one document, kept exactly as it is. The separator "\n\n"
+    (--separator blank-line) is a blank line: one that looks empty, whitespace-only ones included.
     """
     if separator is None:
         text = "".join(chunks)
         if text.strip():
             yield text
         return
+    split = BLANK_LINE.split if separator == "\n\n" else (lambda text: text.split(separator))
     buffer = ""
     for chunk in chunks:
         buffer += chunk
-        *done, buffer = buffer.split(separator)
+        *done, buffer = split(buffer)
         for doc in done:
             if doc.strip():
                 yield doc.strip()

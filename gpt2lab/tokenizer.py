@@ -239,7 +239,8 @@ class CharTokenizer(Tokenizer):
         except KeyError as e:
             c = e.args[0]
             raise UserError(
-                f"character {c!r} (U+{ord(c):04X}) is not among this char tokenizer's {len(self.chars)}"
+                f"character {c!r} (U+{ord(c):04X}) is not among the {len(self.chars)} characters of this "
+                "char tokenizer"
             ) from None
 
     def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
@@ -494,7 +495,11 @@ def get_tokenizer(
 
 
 def _from_spec(spec: dict[str, Any], backend: str | None, vocab_dir: str | Path | None = None) -> Tokenizer:
+    if not isinstance(spec, dict):
+        raise UserError(f"a tokenizer spec must be an object, got {type(spec).__name__}")
     if spec.get("added_tokens"):
+        if not isinstance(spec["added_tokens"], dict):
+            raise UserError("tokenizer spec: added_tokens must map token text to ids")
         base = _from_spec({k: v for k, v in spec.items() if k != "added_tokens"}, backend, vocab_dir)
         return AddedTokens(base, dict(spec["added_tokens"]))
     kind = spec.get("kind")
@@ -503,9 +508,14 @@ def _from_spec(spec: dict[str, Any], backend: str | None, vocab_dir: str | Path 
     try:
         if kind == "gpt2":
             return gpt2_tokenizer(vocab_dir, backend or spec.get("backend", "tiktoken"))
+        specials = spec["special_tokens"]
+        if not isinstance(specials, (list, dict)) or not all(isinstance(t, str) for t in specials):
+            raise UserError(f"tokenizer spec of kind {kind!r}: special_tokens must be a list of strings")
         if kind == "bytes":
             return ByteTokenizer(spec["special_tokens"])
         if kind == "char":
+            if not isinstance(spec["chars"], str) or not isinstance(spec.get("name", "char"), str):
+                raise UserError("tokenizer spec of kind 'char': chars and name must be text")
             return CharTokenizer(list(spec["chars"]), spec["special_tokens"], spec.get("name", "char"))
         if kind == "bpe":
             text = zlib.decompress(base64.b64decode(spec["ranks_zlib_b64"])).decode("ascii")
@@ -515,11 +525,73 @@ def _from_spec(spec: dict[str, Any], backend: str | None, vocab_dir: str | Path 
             return BPETokenizer(bpe, spec["name"], backend or spec.get("backend", "tiktoken"))
     except KeyError as e:
         raise UserError(f"tokenizer spec of kind {kind!r} lacks {e.args[0]!r}") from None
-    except (ValueError, zlib.error) as e:
+    except (ValueError, TypeError, zlib.error) as e:
         if isinstance(e, UserError):
             raise
-        raise UserError(f"tokenizer spec of kind {kind!r} does not parse ({e})") from None
-    raise UserError(f"tokenizer spec kind {kind!r} is not one of 'gpt2', 'bpe', 'char', 'bytes'")
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"tokenizer spec of kind {kind!r} does not parse ({reason})") from None
+    raise UserError(f"tokenizer spec kind {str(kind)[:40]!r} is not one of 'gpt2', 'bpe', 'char', 'bytes'")
+
+
+# --- whether two tokenizers are the same
+
+
+def _identity(spec: dict[str, Any] | None) -> tuple[Any, ...]:
+    """What makes a tokenizer spec the tokenizer it is: its kind and vocabulary (not its name, nor the
+    encoder backend); None is GPT-2's own, as model_tokenizer reads it. Added tokens are left out."""
+    if spec is None:
+        return ("gpt2",)
+    if not isinstance(spec, dict):
+        return ("invalid", repr(spec)[:100])
+    kind = spec.get("kind")
+    specials = spec.get("special_tokens")
+    specials = tuple(sorted(specials.items())) if isinstance(specials, dict) else tuple(specials or ())
+    if kind == "gpt2":
+        return ("gpt2",)
+    if kind == "bytes":
+        return ("bytes", specials)
+    if kind == "char":
+        return ("char", spec.get("chars"), specials)
+    if kind == "bpe":
+        return ("bpe", spec.get("ranks_zlib_b64"), specials, spec.get("pattern", "gpt2"))
+    return (str(kind),)
+
+
+def describe_spec(spec: dict[str, Any] | None) -> str:
+    """A tokenizer spec in a few words, for messages (a BPE spec holds megabytes of ranks)."""
+    if spec is None or (isinstance(spec, dict) and spec.get("kind") == "gpt2"):
+        return "GPT-2's tokenizer"
+    if not isinstance(spec, dict):
+        return "an invalid tokenizer spec"
+    kind, name = spec.get("kind"), spec.get("name")
+    if kind == "char":
+        chars = spec.get("chars") if isinstance(spec.get("chars"), str) else ""
+        preview = repr(chars[:12]) + ("..." if len(chars) > 12 else "")
+        return f"a char tokenizer of {len(chars)} characters ({preview})"
+    if kind == "bytes":
+        return "the bytes tokenizer"
+    return f"the {kind} tokenizer {str(name)[:40]!r}" if name else f"a {kind} tokenizer"
+
+
+def check_same_tokenizer(
+    data_spec: dict[str, Any] | None, model_spec: dict[str, Any] | None, data_where: str, model_where: str
+) -> None:
+    """UserError unless data tokenized with data_spec is in the vocabulary of a model whose tokenizer is
+    model_spec (the same tokenizer; the model may have added tokens, e.g. a chat template's). A model's
+    loss on another tokenizer's ids is meaningless, even when the vocabulary sizes agree.
+    """
+    if data_spec is None:  # a manifest that does not say: nothing to compare
+        return
+    added = data_spec.get("added_tokens") if isinstance(data_spec, dict) else None
+    model_added = model_spec.get("added_tokens") if isinstance(model_spec, dict) else None
+    same = _identity(data_spec) == _identity(model_spec)
+    if added and not (isinstance(model_added, dict) and added.items() <= model_added.items()):
+        same = False
+    if not same:
+        raise UserError(
+            f"{data_where} was tokenized with {describe_spec(data_spec)}, but {model_where} reads "
+            f"{describe_spec(model_spec)}: the same ids would mean other text"
+        )
 
 
 # --- what the CLI prints

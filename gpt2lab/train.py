@@ -1,8 +1,15 @@
-"""Training: run(cfg) is one flat loop, read top to bottom, from a laptop CPU to many GPUs (torchrun).
+"""Training: run(cfg) is one flat function, read top to bottom, from a laptop CPU to many GPUs (torchrun).
 
-Order of things, each in one visible place: processes and device -> data -> model -> optimizer ->
-resume -> compile -> DDP/FSDP -> loop (eval, checkpoint, step, log) -> final checkpoint.
-The raw model (`raw`) is the one saved, evaluated and sampled; `model` is what trains.
+Order of things, each in one visible place: processes and device -> data source (token shards or a
+.jsonl of examples, chosen once) -> model -> LoRA -> the run directory (lock, start or resume) ->
+compile -> DDP/FSDP -> optimizer -> loop (eval, checkpoint, step, log) -> the end. Whatever happens,
+`finally` restores the signal handlers, releases the lock, closes the loggers and leaves the process
+group. The raw model (`raw`) is the one saved, evaluated and sampled; `model` is what trains.
+
+What survives what (docs/reliability.md names the tests): a kill at any moment loses at most the steps
+since the last checkpoint and --resume continues bit-exactly; a full disk stops the run with one line,
+the last checkpoint intact; a non-finite loss, gradient or weight never reaches a checkpoint; a run
+directory belongs to one run (a second one is refused, a concurrent one locked out).
 """
 
 from __future__ import annotations
@@ -10,24 +17,38 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab import distributed
-from gpt2lab.config import GPTConfig, TrainConfig, pad_vocab_size
-from gpt2lab.dataloader import ShardLoader
-from gpt2lab.errors import UserError
+from gpt2lab import distributed, lora
+from gpt2lab.atomic import directory_lock, writing
+from gpt2lab.config import GPTConfig, TrainConfig, pad_vocab_size, usable_cpus
+from gpt2lab.dataloader import ShardData
+from gpt2lab.errors import UserError, WriteError
+from gpt2lab.evaluate import hellaswag, hellaswag_file, load_hellaswag
+from gpt2lab.generate import generate
+from gpt2lab.interop import peft
+from gpt2lab.interop.hf import load_pretrained, pretrained_tokenizer
 from gpt2lab.model import GPT
-from gpt2lab.shards import read_manifest
+from gpt2lab.sft import SFTData
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU (vendor data sheets; SXM parts). Override: --peak-flops.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+METRICS = "metrics.jsonl"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -88,9 +109,18 @@ def load_init(cfg: TrainConfig) -> tuple[GPT, dict[str, Any] | None]:
     overrides = {k: v for k, v in cfg.model.items() if k == "dropout"}
     if ckpt.is_checkpoint(cfg.init_from):
         return ckpt.load_model(cfg.init_from, **overrides), ckpt.read_config(cfg.init_from).get("tokenizer")
-    from gpt2lab.interop.hf import load_pretrained, pretrained_tokenizer
-
     return load_pretrained(cfg.init_from, **overrides), pretrained_tokenizer(cfg.init_from)
+
+
+def open_data(cfg: TrainConfig, verbose: bool) -> ShardData | SFTData:
+    """The data source: token shards (a directory `gpt2lab prepare` wrote) or a .jsonl of examples."""
+    if not cfg.data:
+        raise UserError("train needs --data DIR (written by `gpt2lab prepare`) or --data FILE.jsonl")
+    if Path(cfg.data).suffix != ".jsonl":
+        return ShardData(cfg.data)
+    if cfg.init_from == "scratch":
+        raise UserError("fine-tuning on a .jsonl needs a model to start from: --from CKPT or --pretrained")
+    return SFTData(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, cfg.pad_vocab_multiple, verbose)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -102,19 +132,44 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The events of a metrics.jsonl. A torn last line (a kill or a full disk cut its write short) is
+    dropped with a warning; an unreadable line elsewhere is a UserError naming it."""
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    complete, torn = lines[:-1], lines[-1]  # the text after the last newline was never finished
+    events = []
+    for i, line in enumerate(complete, 1):
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict) or not isinstance(event.get("step"), int):
+            if i == len(complete) and not torn:  # a line the writer was cut in (its newline made it)
+                torn = line
+                break
+            raise UserError(f"{path}:{i} is not a metrics event; fix or delete that line to resume")
+        events.append(event)
+    if torn.strip():
+        print(f"warning: {path}: dropped a torn last line ({len(torn)} bytes) a crash left", file=sys.stderr)
+    return events
+
+
 class Logger:
     """metrics.jsonl (one JSON object per event), optional TensorBoard / W&B, and the loss plot."""
 
-    def __init__(self, out_dir: Path, cfg: TrainConfig, enabled: bool):
-        self.out_dir, self.enabled, self.history = out_dir, enabled, []
+    def __init__(self, out_dir: Path, cfg: TrainConfig, enabled: bool, history: list[dict[str, Any]]):
+        self.out_dir, self.enabled, self.history = out_dir, enabled, history
         self.tb = self.wandb = None
         if not enabled:
             return
-        if (out_dir / "metrics.jsonl").is_file():
-            self.history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
         if cfg.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional extras: imported when asked for
             except ImportError:
                 raise UserError(
                     "--tensorboard needs the tensorboard package: pip install tensorboard"
@@ -128,11 +183,20 @@ class Logger:
             self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), dir=str(out_dir))
 
     def log(self, event: dict[str, Any]) -> None:
+        """Append one event. A failed write (a full disk) is cut back off, so no torn line stays."""
         if not self.enabled:
             return
+        path = self.out_dir / METRICS
+        with writing(path), open(path, "ab", buffering=0) as f:
+            size = f.tell()
+            try:
+                data = (json.dumps(event) + "\n").encode()
+                while data:
+                    data = data[f.write(data) :]
+            except OSError:
+                f.truncate(size)
+                raise
         self.history.append(event)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(event) + "\n")
         numbers = {k: v for k, v in event.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
             for k, v in numbers.items():
@@ -144,7 +208,7 @@ class Logger:
         """loss.png: train and val loss against the step (written atomically)."""
         if not self.enabled:
             return
-        import matplotlib
+        import matplotlib  # imported on first use: it costs a second, and a run without evals never plots
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -159,8 +223,10 @@ class Logger:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        ckpt.atomic_write(self.out_dir / "loss.png", lambda p: fig.savefig(p, format="png"))
-        plt.close(fig)
+        try:
+            ckpt.atomic_write(self.out_dir / "loss.png", lambda p: fig.savefig(p, format="png"))
+        finally:
+            plt.close(fig)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -178,451 +244,472 @@ def fmt_time(seconds: float) -> str:
     )
 
 
+def last_checkpoint(out_dir: Path, vocab_size: int, fix: str) -> str:
+    """Which checkpoint of the run is good after a failure, and what to do: `fix` is the remedy
+    (e.g. "free space") that --resume needs first. A checkpoint whose train loss was already worse
+    than guessing uniformly over the vocabulary is not called good: the run had diverged before it."""
+    latest = ckpt.read_pointer(out_dir, ckpt.LATEST)
+    if latest is None or not (latest / ckpt.CONFIG).is_file():
+        return f"No checkpoint was written yet: {fix}, then start over (--overwrite)"
+    loss = ckpt.read_config(latest).get("train_loss")
+    uniform = math.log(vocab_size)
+    if isinstance(loss, (int, float)) and not loss <= uniform:
+        return (
+            f"The last checkpoint, {latest.name}, was saved at train loss {loss:.4g}, worse than guessing "
+            f"(ln {vocab_size} = {uniform:.2f}): the run had diverged before it. {fix[0].upper() + fix[1:]}, "
+            "then start over (--overwrite)"
+        )
+    at = f" (train loss {loss:.4f})" if isinstance(loss, (int, float)) else ""
+    return f"The last checkpoint, {latest.name}{at}, is intact: {fix}, then --resume continues from it"
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train as cfg says; returns a summary (final and best losses, steps, median step time)."""
     # --- processes, device, numerics ------------------------------------------------------------
     dist = distributed.setup(cfg.device)
     device, print0 = dist.device, distributed.print0
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: ~fp32 accuracy for training
-    torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = autocast_dtype(cfg, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
-    out_dir = Path(cfg.out_dir)
+    cleanup = contextlib.ExitStack()  # undone in `finally`, newest first, whatever happens
+    cleanup.callback(distributed.teardown)
+    out_dir, raw, step = Path(cfg.out_dir), None, 0
+    try:
+        if cfg.threads:  # this process's setting until run() returns (a caller may run more than one)
+            cleanup.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(cfg.threads)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: ~fp32 accuracy for training
+        torch.backends.cudnn.allow_tf32 = True
+        amp_dtype = autocast_dtype(cfg, device)
+        autocast = (
+            (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        )
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16: loss scaling
 
-    # --- data: token shards (`gpt2lab prepare`), or a .jsonl of examples for fine-tuning (sft.py) -----
-    if not cfg.data:
-        raise UserError("train needs --data DIR (written by `gpt2lab prepare`) or --data FILE.jsonl")
-    sft_data = Path(cfg.data).suffix == ".jsonl"
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    added_tokens: dict[str, int] = {}  # tokens this run adds to the vocabulary
-    template_tokens: dict[str, int] = {}  # the chat template's tokens and their ids
-    if sft_data:
-        # The examples are tokenized by the starting model's tokenizer, plus the chat template's tokens.
-        from gpt2lab import sft
-        from gpt2lab.tokenizer import model_tokenizer
+        # --- data source: token shards, or a .jsonl of examples for fine-tuning; chosen once ----------
+        data = open_data(cfg, verbose=dist.is_main)
 
+        # --- model: new, sized by the data's vocabulary, or loaded to start from ----------------------
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
         if cfg.init_from == "scratch":
+            raw = ckpt.build_model(model_config(cfg, data.vocab_size), "this run's config")
+            model_spec, source = None, None
+        else:
+            (raw, model_spec), source = load_init(cfg), cfg.init_from
+        T = cfg.seq_len or raw.config.block_size
+        if raw.config.block_size < T:
+            raise UserError(f"seq_len {T} exceeds the model's block_size {raw.config.block_size}")
+        # The data and the model must belong together (vocabulary, tokenizer); fine-tuning adds tokens here.
+        tokenizer_spec = data.fit(raw, model_spec, source, T)
+        model_cfg = raw.config
+
+        # --- LoRA: adapters on the frozen model; the chat template's token rows train with them -------
+        lora_config = None
+        if cfg.method == "lora":
+            lora.apply_lora(raw, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+            if data.template_tokens:  # (peft's trainable_token_indices); the rest of the vocabulary is frozen
+                ids = sorted(data.template_tokens.values())
+                lora.train_token_rows(raw, ids[0], ids[-1] + 1)
+            lora_config = lora.lora_settings(raw)
+        raw.to(device).train()
+
+        # --- batch geometry and the training batches ------------------------------------------------
+        tokens_per_micro = cfg.batch_size * T * dist.world_size
+        total = cfg.total_batch_size or tokens_per_micro
+        if total % tokens_per_micro:
             raise UserError(
-                "fine-tuning on a .jsonl needs a model to start from: --from CKPT or --pretrained"
+                f"total_batch_size {total} is not divisible by batch_size {cfg.batch_size} x seq_len {T} "
+                f"x {dist.world_size} processes = {tokens_per_micro}"
             )
-        raw, tokenizer_spec = load_init(cfg)
-        tok, added_tokens = sft.add_template_tokens(
-            raw, model_tokenizer(tokenizer_spec, model_dir=cfg.init_from), cfg.pad_vocab_multiple
-        )
-        tokenizer_spec, model_cfg = tok.to_spec(), raw.config
-        template_tokens = {t: tok.special_tokens[t] for t in sft.TEMPLATE_TOKENS}
-        T = cfg.seq_len or model_cfg.block_size
-        examples = sft.load_examples(cfg.data, tok, T + 1, verbose=dist.is_main)
-        if cfg.val_data:
-            train_examples, val_examples = examples, sft.load_examples(cfg.val_data, tok, T + 1, dist.is_main)
-        else:
-            train_examples, val_examples = sft.split_examples(examples, cfg.val_fraction, cfg.seed)
-    else:
-        manifest = read_manifest(cfg.data)
-        tokenizer_spec, data_vocab = manifest["tokenizer"], manifest["vocab_size"]
-        tok = None  # built from the spec if HellaSwag or samples need it
-        if cfg.init_from == "scratch":
-            model_cfg = model_config(cfg, data_vocab)
-            raw = GPT(model_cfg)
-        else:
-            raw, _ = load_init(cfg)
-            model_cfg = raw.config
-            if model_cfg.vocab_size < data_vocab:
-                raise UserError(f"the data's vocabulary ({data_vocab}) does not fit {cfg.init_from}")
-        T = cfg.seq_len or model_cfg.block_size
-    if model_cfg.block_size < T:
-        raise UserError(f"seq_len {T} exceeds the model's block_size {model_cfg.block_size}")
-    tokens_per_micro = cfg.batch_size * T * dist.world_size
-    total = cfg.total_batch_size or tokens_per_micro
-    if total % tokens_per_micro:
-        raise UserError(
-            f"total_batch_size {total} is not divisible by batch_size {cfg.batch_size} x seq_len {T} "
-            f"x {dist.world_size} processes = {tokens_per_micro}"
-        )
-    grad_accum = total // tokens_per_micro
-    if sft_data:  # rows of one example each, padded to the longest in the batch (at most T tokens)
-        pad_id = tok.eot_id
-        train_loader: Any = sft.SFTLoader(
-            train_examples, cfg.batch_size, pad_id, dist.rank, dist.world_size, cfg.seed, device, grad_accum
-        )
-        has_val = bool(val_examples)
-        data_desc = f"{len(train_examples)} train / {len(val_examples)} val examples from {cfg.data}"
-    else:
-        train_loader = ShardLoader(
-            cfg.data,
-            "train",
-            cfg.batch_size,
-            T,
-            dist.rank,
-            dist.world_size,
-            cfg.loader_mode,
-            cfg.seed,
-            device,
-            grad_accum,
-        )
-        has_val = "val" in manifest["splits"]
-        data_desc = f"data vocab {data_vocab}"
-
-    # --- model: full training, or LoRA adapters on the frozen model ------------------------------
-    lora_config = None
-    if cfg.method == "lora":
-        from gpt2lab import lora
-
-        lora.apply_lora(raw, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        if template_tokens:
-            # The template's tokens are what fine-tuning teaches: their embeddings (new, or never trained
-            # by a base that only had them in its vocabulary) train with the adapters (peft's
-            # trainable_token_indices); the rest of the vocabulary stays frozen.
-            ids = sorted(template_tokens.values())
-            lora.train_token_rows(raw, ids[0], ids[-1] + 1)
-        lora_config = lora.lora_settings(raw)
-    raw.to(device).train()
-    flops_per_token = raw.flops_per_token(T)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = cfg.peak_flops or next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
-
-    # --- resume: weights, step, data position, RNG states (the optimizer's once it exists) -------
-    step, best_val, bad_evals, skips, state = 0, math.inf, 0, 0, None
-    if cfg.resume:
-        src = ckpt.resolve(out_dir if cfg.resume == "latest" else cfg.resume)
-        saved = ckpt.read_config(src)
-        if saved["model"] != model_cfg.to_dict():
-            diff = [
-                f"{k} {saved['model'].get(k)!r} vs {v!r}"
-                for k, v in model_cfg.to_dict().items()
-                if saved["model"].get(k) != v
-            ]
-            raise UserError(f"cannot resume from {src}: another architecture ({', '.join(diff)})")
-        if saved.get("lora") != lora_config:
-            raise UserError(f"cannot resume from {src}: LoRA settings {saved.get('lora')} vs {lora_config}")
-        state = ckpt.load_state(src)
-        ckpt.copy_weights(raw, ckpt.load_model(src, merge=False).state_dict(), str(src))
-        scaler.load_state_dict(state["scaler"])
-        train_loader.load_state_dict(state["loader"])
-        step, best_val, bad_evals, skips = (
-            state["step"],
-            state["best_val"],
-            state["bad_evals"],
-            state["skips"],
-        )
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"][dist.local_rank % len(state["rng"]["cuda"])])
-        print0(f"resumed from {src} at step {step}")
-    else:
-        torch.manual_seed(cfg.seed + dist.rank)  # dropout differs across processes
-
-    # --- parallelism and compile; `raw` is the module saved, evaluated and sampled ---------------
-    # DDP: compile, then wrap (DDP then sees one fused graph per bucket). FSDP2: shard each block and
-    # the root in place (raw's parameters become shards), then compile.
-    model: Any = raw
-    if cfg.fsdp and dist.enabled:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in raw.transformer.h:
-            fully_shard(block)
-        fully_shard(raw)
-    if cfg.compile:
-        model = torch.compile(model)
-    if dist.enabled and not cfg.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-
-    # --- optimizer, after sharding (it must hold the parameters that train) ---------------------
-    # State dicts go through torch.distributed.checkpoint's helpers, in their full (unsharded) form,
-    # keyed by parameter name: one format for one process, DDP and FSDP, so a run can resume in any.
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    optimizer = make_optimizer(raw, cfg, device)
-    if state is not None:
-        set_optimizer_state_dict(
-            raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+        grad_accum = total // tokens_per_micro
+        train_loader = data.loader(
+            cfg.batch_size, T, dist.rank, dist.world_size, cfg.seed, device, grad_accum, cfg.loader_mode
         )
 
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # The log continues the run it resumes (up to the resumed step); a fresh run starts a fresh one.
-        metrics = out_dir / "metrics.jsonl"
-        kept = (
-            [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= step]
-            if cfg.resume and metrics.exists()
-            else []
-        )
-        ckpt.atomic_write(metrics, lambda p: p.write_text("".join(line + "\n" for line in kept)))
-    logger = Logger(out_dir, cfg, dist.is_main)
-    print0(
-        f"model: {cfg.init_from if cfg.init_from != 'scratch' else cfg.preset}, {raw.num_params():,} "
-        f"parameters, vocab {model_cfg.vocab_size} ({data_desc}); device {device}{' ' + gpu if gpu else ''}, "
-        f"{dist.world_size} process(es), autocast {amp_dtype or 'off (fp32)'}, compile {cfg.compile}"
-    )
-    if added_tokens:
-        print0(f"added tokens {added_tokens} (model vocab {model_cfg.vocab_size})")
-    if lora_config is not None:
-        n_train, n_all = lora.trainable_fraction(raw)
-        print0(
-            f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {', '.join(lora_config['targets'])}: "
-            f"{n_train:,} of {n_all:,} parameters train ({n_train / n_all:.2%})"
-        )
-    print0(
-        f"batch: {cfg.batch_size} x {'up to ' if sft_data else ''}{T} tokens x {dist.world_size} processes "
-        f"x {grad_accum} accumulation "
-        f"= {total:,} tokens/step; {cfg.max_steps} steps"
-    )
+        # --- the run directory: one run owns it -----------------------------------------------------
+        # A directory that holds a run is continued (--resume) or replaced (--overwrite), never mixed
+        # into, and nothing in it is touched before that is decided; a lock keeps a second process out.
+        held = ckpt.run_contents(out_dir)
+        if held and not cfg.resume and not cfg.overwrite:
+            latest = ckpt.read_pointer(out_dir)
+            what = f"its latest checkpoint is {latest.name}" if latest else f"it has {', '.join(held[:3])}"
+            raise UserError(
+                f"{out_dir} already holds a run ({what}): --resume continues it, --overwrite deletes it "
+                "and starts over; or choose another --out-dir"
+            )
+        failure = None
+        if dist.is_main:
+            try:
+                cleanup.enter_context(directory_lock(out_dir, "training run"))
+                ckpt.repair(out_dir)  # what a killed writer left: temporaries, a `best` not yet moved
+                if cfg.overwrite and held:
+                    removed = ", ".join(ckpt.remove_run(out_dir))
+                    print0(f"--overwrite: deleted the previous run in {out_dir}: {removed}")
+            except UserError as e:
+                failure = e
+        if distributed.any_process(failure is not None, device):  # every rank stops, or none
+            raise failure or UserError(f"stopped: rank 0 could not take {out_dir}")
 
-    # --- stop cleanly on SIGTERM / SIGINT: finish the step, save, exit ---------------------------
-    stop_signal: list[int] = []
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop_signal.append(signum)
-
-    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def save(at_step: int, is_best: bool = False) -> None:
-        """Checkpoint the state *before* step `at_step`: resuming from it runs that step next."""
-        tensors = get_model_state_dict(raw, options=full)  # collective under FSDP: every rank calls it
-        state = {
-            "optimizer": get_optimizer_state_dict(raw, optimizer, options=full),
-            "scaler": scaler.state_dict(),
-            "loader": train_loader.state_dict(),
-            "step": at_step,
-            "best_val": best_val,
-            "bad_evals": bad_evals,
-            "skips": skips,
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            },
-        }
-        if not dist.is_main:
-            return
-        extra = {"train": cfg.to_dict(), "tokenizer": tokenizer_spec, "step": at_step, "best_val": best_val}
-        if lora_config is not None:  # the weights hold the frozen base and the adapters (lora_A, lora_B)
-            extra["lora"] = lora_config
-        path = ckpt.save_checkpoint(ckpt.step_dir(out_dir, at_step), raw, extra, state, tensors)
-        ckpt.set_pointer(out_dir, ckpt.LATEST, path)
-        if is_best:
-            ckpt.set_pointer(out_dir, ckpt.BEST, path)
-        ckpt.prune(out_dir, cfg.keep_last)
-
-    # --- the loop -------------------------------------------------------------------------------
-    step_times: list[float] = []
-    t_start, tokens_seen, last_log_loss, stopped = time.perf_counter(), 0, math.nan, ""
-    first_step = step
-    while True:
-        last = step >= cfg.max_steps
-
-        # --- eval: val loss (all-reduced), HellaSwag, samples; early stopping -------------------
-        eval_now = has_val and (
-            last or (cfg.eval_interval and step % cfg.eval_interval == 0 and step > first_step)
-        )
-        is_best = False
-        if eval_now:
-            from gpt2lab.evaluate import evaluate_batches, evaluate_loss
-
-            if sft_data:  # every val example, each once
-                batches = sft.eval_batches(val_examples, cfg.batch_size, pad_id, dist.rank, dist.world_size)
-                result = evaluate_batches(raw, batches, device, autocast=autocast())
-            else:
-                result = evaluate_loss(
-                    raw,
-                    cfg.data,
-                    "val",
-                    cfg.batch_size,
-                    T,
-                    cfg.eval_tokens or None,
-                    device,
-                    autocast=autocast(),
+        # --- resume: weights, step, data position, RNG states (the optimizer's once it exists) -------
+        best_val, bad_evals, skips, state, src = math.inf, 0, 0, None, None
+        if cfg.resume and cfg.resume != "latest":
+            src = ckpt.resolve(cfg.resume)
+        elif cfg.resume and ckpt.read_pointer(out_dir) is not None:
+            src = ckpt.resolve(out_dir)
+        elif cfg.resume:
+            print0(f"--resume: {out_dir} has no checkpoint yet; starting a new run")
+        if src is not None:
+            saved = ckpt.read_config(src)
+            if saved["model"] != model_cfg.to_dict():
+                diff = [
+                    f"{k} {saved['model'].get(k)!r} vs {v!r}"
+                    for k, v in model_cfg.to_dict().items()
+                    if saved["model"].get(k) != v
+                ]
+                raise UserError(f"cannot resume from {src}: another architecture ({', '.join(diff)})")
+            if saved.get("lora") != lora_config:
+                raise UserError(
+                    f"cannot resume from {src}: LoRA settings {saved.get('lora')} vs {lora_config}"
                 )
-            raw.train()
-            val = result["loss"]
-            is_best = val < best_val
-            best_val, bad_evals = (val, 0) if is_best else (best_val, bad_evals + 1)
-            logger.log({"step": step, "val_loss": val, "val_perplexity": result["perplexity"]})
-            print0(f"step {step:>6}: val loss {val:.4f} (best {best_val:.4f})")
-            logger.plot()
-            if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
-                stopped = f"early stopping: no better val loss in {bad_evals} evaluations"
-        if cfg.hellaswag_interval and (last or (step % cfg.hellaswag_interval == 0 and step > first_step)):
-            from gpt2lab.evaluate import hellaswag, hellaswag_file, load_hellaswag
-            from gpt2lab.tokenizer import get_tokenizer
-
-            tok = tok if tok is not None else get_tokenizer(tokenizer_spec)
-            hs = hellaswag(
-                raw,
-                tok,
-                load_hellaswag(hellaswag_file(cfg.hellaswag_data), cfg.hellaswag_limit or None),
-                cfg.batch_size,
-                device,
-                autocast=autocast(),
+            state = ckpt.load_state(src)
+            ckpt.copy_weights(raw, ckpt.load_model(src, merge=False).state_dict(), str(src))
+            try:
+                scaler.load_state_dict(state["scaler"])
+                train_loader.load_state_dict(state["loader"])
+                torch.set_rng_state(state["rng"]["cpu"])
+                if device.type == "cuda" and state["rng"]["cuda"]:
+                    torch.cuda.set_rng_state(
+                        state["rng"]["cuda"][dist.local_rank % len(state["rng"]["cuda"])]
+                    )
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                if isinstance(e, UserError):
+                    raise
+                raise UserError(
+                    f"{src / ckpt.STATE} does not fit this run ({type(e).__name__}: {e})"
+                ) from None
+            step, best_val, bad_evals, skips = (
+                state["step"],
+                state["best_val"],
+                state["bad_evals"],
+                state["skips"],
             )
-            raw.train()
-            logger.log({"step": step, "hellaswag_acc_norm": hs["acc_norm"], "hellaswag_n": hs["n"]})
-            print0(f"step {step:>6}: HellaSwag acc_norm {hs['acc_norm']:.4f} ({hs['n']} examples)")
-        if (
-            cfg.sample_tokens
-            and dist.is_main
-            and (
+            print0(f"resumed from {src} at step {step}")
+            if step >= cfg.max_steps:
+                print0(f"the run is finished (max_steps {cfg.max_steps}); raise --max-steps to train on")
+                return {"step": step, "train_loss": math.nan, "best_val_loss": best_val,
+                        "median_step_ms": math.nan, "tokens": 0, "stopped": "already finished",
+                        "out_dir": str(out_dir)}  # fmt: skip
+        else:
+            torch.manual_seed(cfg.seed + dist.rank)  # dropout differs across processes
+
+        # --- parallelism and compile; `raw` is the module saved, evaluated and sampled ---------------
+        # DDP: compile, then wrap (DDP then sees one fused graph per bucket). FSDP2: shard each block and
+        # the root in place (raw's parameters become shards), then compile.
+        model: Any = raw
+        if cfg.fsdp and dist.enabled:
+            from torch.distributed.fsdp import fully_shard  # torch >= 2.6 has it here (older: _composable)
+
+            for block in raw.transformer.h:
+                fully_shard(block)
+            fully_shard(raw)
+        if cfg.compile:
+            model = torch.compile(model)
+        if dist.enabled and not cfg.fsdp:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.local_rank] if device.type == "cuda" else None
+            )
+
+        # --- optimizer, after sharding (it must hold the parameters that train) ---------------------
+        # State dicts go through torch.distributed.checkpoint's helpers, in their full (unsharded) form,
+        # keyed by parameter name: one format for one process, DDP and FSDP, so a run can resume in any.
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer = make_optimizer(raw, cfg, device)
+        if state is not None:
+            try:
+                set_optimizer_state_dict(
+                    raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+                )
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+                reason = str(e).splitlines()[0][:200] if str(e) else ""
+                raise UserError(
+                    f"{src / ckpt.STATE}: the optimizer state does not fit this model "
+                    f"({type(e).__name__}: {reason})"
+                ) from None
+
+        # --- the log: it continues the run it resumes (up to the resumed step), else starts afresh ----
+        history = [e for e in read_log(out_dir / METRICS) if e["step"] <= step] if src is not None else []
+        if dist.is_main:
+            lines = "".join(json.dumps(e) + "\n" for e in history)
+            ckpt.atomic_write(out_dir / METRICS, lambda p: p.write_text(lines))
+        logger = Logger(out_dir, cfg, dist.is_main, history)
+        cleanup.callback(logger.close)
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        peak = cfg.peak_flops or next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+        print0(
+            f"model: {cfg.init_from if cfg.init_from != 'scratch' else cfg.preset}, {raw.num_params():,} "
+            f"parameters, vocab {model_cfg.vocab_size}; data {data.description}; device {device}"
+            f"{' ' + gpu if gpu else ''}, {dist.world_size} process(es), {torch.get_num_threads()} CPU "
+            f"thread(s), autocast {amp_dtype or 'off (fp32)'}, compile {cfg.compile}"
+        )
+        if lora_config is not None:
+            n_train, n_all = lora.trainable_fraction(raw)
+            targets = ", ".join(lora_config["targets"])
+            print0(
+                f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {targets}: "
+                f"{n_train:,} of {n_all:,} parameters train ({n_train / n_all:.2%})"
+            )
+        load, cpus = (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0), usable_cpus()
+        if device.type == "cpu" and not cfg.threads and load > cpus:  # bench/threads.py measured 7-12x
+            print0(f"note: the CPUs are busy (load {load:.1f} on {cpus}): --threads 1 may be far faster")
+        print0(
+            f"batch: {cfg.batch_size} x {'up to ' if data.padded else ''}{T} tokens x {dist.world_size} "
+            f"processes x {grad_accum} accumulation = {total:,} tokens/step; {cfg.max_steps} steps"
+        )
+
+        # --- stop cleanly on SIGTERM / SIGINT: finish the step, save, exit ---------------------------
+        stop_signal: list[int] = []
+
+        def on_signal(signum: int, frame: Any) -> None:
+            stop_signal.append(signum)
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            cleanup.callback(signal.signal, s, signal.signal(s, on_signal))
+
+        def save(at_step: int, is_best: bool, train_loss: float | None) -> None:
+            """Checkpoint the state *before* step `at_step`: resuming from it runs that step next.
+            Weights that are not all finite are never written (every rank checks its own shard)."""
+            local = (p.to_local() if hasattr(p, "to_local") else p for p in raw.parameters())
+            if distributed.any_process(not all(torch.isfinite(p).all() for p in local), device):
+                raise UserError(
+                    f"step {at_step}: the weights hold NaN or inf values; stopped without saving them. "
+                    + last_checkpoint(out_dir, model_cfg.vocab_size, "lower the learning rate")
+                )
+            tensors = get_model_state_dict(raw, options=full)  # collective under FSDP: every rank calls it
+            state = {
+                "optimizer": get_optimizer_state_dict(raw, optimizer, options=full),
+                "scaler": scaler.state_dict(),
+                "loader": train_loader.state_dict(),
+                "step": at_step,
+                "best_val": best_val,
+                "bad_evals": bad_evals,
+                "skips": skips,
+                "rng": {
+                    "cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                },
+            }
+            if not dist.is_main:
+                return
+            extra = {"train": cfg.to_dict(), "tokenizer": tokenizer_spec, "step": at_step,
+                     "best_val": best_val, "is_best": is_best, "train_loss": train_loss}  # fmt: skip
+            if lora_config is not None:  # the weights hold the frozen base and the adapters (lora_A, lora_B)
+                extra["lora"] = lora_config
+            path = ckpt.save_checkpoint(ckpt.step_dir(out_dir, at_step), raw, extra, state, tensors)
+            ckpt.set_pointer(out_dir, ckpt.LATEST, path)  # first: repair() completes `best` from it
+            if is_best:
+                ckpt.set_pointer(out_dir, ckpt.BEST, path)
+            ckpt.prune(out_dir, cfg.keep_last)
+
+        # --- the loop -------------------------------------------------------------------------------
+        step_times: list[float] = []
+        first_step, tokens_seen, last_loss, last_logged, stopped = step, 0, None, math.nan, ""
+        t_start, first_line = time.perf_counter(), None  # first_line: (time, step) of the first progress line
+        window = {"steps": 0, "tokens": 0, "seconds": 0.0}  # the steps since the last progress line
+        while True:
+            last = step >= cfg.max_steps
+
+            # --- eval: val loss (all-reduced), HellaSwag, samples; early stopping -------------------
+            eval_now = data.has_val and (
+                last or (cfg.eval_interval and step % cfg.eval_interval == 0 and step > first_step)
+            )
+            is_best = False
+            if eval_now:
+                result = data.evaluate(raw, cfg.batch_size, T, cfg.eval_tokens or None, device, autocast())
+                raw.train()
+                val = result["loss"]
+                is_best = val < best_val
+                best_val, bad_evals = (val, 0) if is_best else (best_val, bad_evals + 1)
+                logger.log({"step": step, "val_loss": val, "val_perplexity": result["perplexity"]})
+                print0(f"step {step:>6}: val loss {val:.4f} (best {best_val:.4f})")
+                logger.plot()
+                if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
+                    stopped = f"early stopping: no better val loss in {bad_evals} evaluations"
+            if cfg.hellaswag_interval and (
+                last or (step % cfg.hellaswag_interval == 0 and step > first_step)
+            ):
+                examples = load_hellaswag(hellaswag_file(cfg.hellaswag_data), cfg.hellaswag_limit or None)
+                hs = hellaswag(raw, data.tokenizer(), examples, cfg.batch_size, device, autocast=autocast())
+                raw.train()
+                logger.log({"step": step, "hellaswag_acc_norm": hs["acc_norm"], "hellaswag_n": hs["n"]})
+                print0(f"step {step:>6}: HellaSwag acc_norm {hs['acc_norm']:.4f} ({hs['n']} examples)")
+            sample_due = (
                 last
                 or stopped
                 or (cfg.sample_interval and step % cfg.sample_interval == 0 and step > first_step)
             )
-        ):
-            from gpt2lab.generate import generate
-            from gpt2lab.tokenizer import get_tokenizer
+            if cfg.sample_tokens and dist.is_main and sample_due:
+                tok = data.tokenizer()
+                prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [tok.eot_id]
+                ids = generate(raw, prompt, cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed,
+                               eot_id=tok.eot_id, vocab_size=tok.vocab_size)  # fmt: skip
+                raw.train()
+                print0(f"step {step:>6}: sample: {cfg.sample_prompt + tok.decode(ids)!r}")
 
-            tok = tok if tok is not None else get_tokenizer(tokenizer_spec)
-            prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [tok.eot_id]
-            ids = generate(
-                raw,
-                prompt,
-                cfg.sample_tokens,
-                temperature=0.8,
-                top_k=200,
-                seed=cfg.seed,
-                eot_id=tok.eot_id,
-                vocab_size=tok.vocab_size,
-            )
-            raw.train()
-            print0(f"step {step:>6}: sample: {cfg.sample_prompt + tok.decode(ids)!r}")
-
-        # --- checkpoint (every rank agrees on a signal received by any of them) -------------------
-        if distributed.any_process(bool(stop_signal), device) and not stopped:
-            stopped = (
-                f"stopped by signal {stop_signal[0]}"
-                if stop_signal
-                else "stopped by a signal on another rank"
-            )
-        periodic = step % cfg.checkpoint_interval == 0
-        if step > first_step and (last or stopped or periodic or is_best):
-            save(step, is_best)
-        if last or stopped:
-            break
-
-        # --- step: grad_accum micro-batches, clip, optimizer ------------------------------------
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        step_tokens = 0  # tokens in this step's batches (.jsonl rows are padded to their batch's longest)
-        for micro in range(grad_accum):
-            x, y = train_loader.next_batch()
-            step_tokens += x.numel() * dist.world_size
-            sync = micro == grad_accum - 1  # gradients are reduced across processes on the last micro-step
-            if cfg.fsdp and dist.enabled:
-                raw.set_requires_gradient_sync(sync)
-            with model.no_sync() if dist.enabled and not cfg.fsdp and not sync else contextlib.nullcontext():
-                with autocast():
-                    loss = model(x, y) / grad_accum
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
-        # The norm is identical on every process (gradients are all-reduced), so all take the same branch.
-        # Under fp16 an overflow is the GradScaler's business (it skips the step and lowers the scale);
-        # there only a non-finite loss counts.
-        if scaler.is_enabled():
-            nonfinite = distributed.any_process(not torch.isfinite(loss_sum).item(), device)
-        else:
-            nonfinite = not torch.isfinite(norm).item()
-        if nonfinite:
-            skips += 1
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()
-            msg = f"step {step}: non-finite loss or gradient (grad norm {norm.item()})"
-            if cfg.on_nonfinite == "stop" or skips > cfg.max_skips:
-                distributed.teardown()
-                raise UserError(
-                    f"{msg}; stopped. The last good checkpoint in {out_dir} is intact "
-                    "(resume with --resume, perhaps with a lower learning rate)"
+            # --- checkpoint (every rank agrees on a signal received by any of them) -------------------
+            if distributed.any_process(bool(stop_signal), device) and not stopped:
+                stopped = (
+                    f"stopped by signal {stop_signal[0]}"
+                    if stop_signal
+                    else "stopped by a signal on another rank"
                 )
-            print0(f"{msg}; batch skipped ({skips}/{cfg.max_skips})")
+            periodic = step % cfg.checkpoint_interval == 0
+            if step > first_step and (last or stopped or periodic or is_best):
+                save(
+                    step,
+                    is_best,
+                    None if last_loss is None else distributed.all_reduce_mean(last_loss).item(),
+                )
+            if last or stopped:
+                break
+
+            # --- step: grad_accum micro-batches, clip, optimizer ------------------------------------
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            step_tokens = 0  # tokens in this step's batches (.jsonl rows are padded to their batch's longest)
+            for micro in range(grad_accum):
+                x, y = train_loader.next_batch()
+                step_tokens += x.numel() * dist.world_size
+                sync = (
+                    micro == grad_accum - 1
+                )  # gradients are reduced across processes on the last micro-step
+                if cfg.fsdp and dist.enabled:
+                    raw.set_requires_gradient_sync(sync)
+                with (
+                    model.no_sync()
+                    if dist.enabled and not cfg.fsdp and not sync
+                    else contextlib.nullcontext()
+                ):
+                    with autocast():
+                        loss = model(x, y) / grad_accum
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
+            # The norm is identical on every process (gradients are all-reduced), so all take the same branch.
+            # Under fp16 an overflow is the GradScaler's business (it skips the step and lowers the scale);
+            # there only a non-finite loss counts.
+            if scaler.is_enabled():
+                nonfinite = distributed.any_process(not torch.isfinite(loss_sum).item(), device)
+            else:
+                nonfinite = not torch.isfinite(norm).item()
+            if nonfinite:
+                skips += 1
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                msg = f"step {step}: non-finite loss or gradient (grad norm {norm.item()})"
+                if cfg.on_nonfinite == "stop" or skips > cfg.max_skips:
+                    fix = "lower the learning rate"
+                    raise UserError(f"{msg}; stopped. {last_checkpoint(out_dir, model_cfg.vocab_size, fix)}")
+                print0(f"{msg}; batch skipped ({skips}/{cfg.max_skips})")
+                step += 1
+                continue
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
-            continue
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        step_times.append(dt)
-        tokens_seen += step_tokens
+            last_loss = loss_sum
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            tokens_seen += step_tokens
+            window = {"steps": window["steps"] + 1, "tokens": window["tokens"] + step_tokens,
+                      "seconds": window["seconds"] + dt}  # fmt: skip
 
-        # --- log --------------------------------------------------------------------------------
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            last_log_loss = distributed.all_reduce_mean(loss_sum).item()
-            tok_s = step_tokens / dt
-            elapsed = time.perf_counter() - t_start
-            eta = (cfg.max_steps - step) * statistics.median(step_times[-50:])
-            event = {
-                "step": step,
-                "train_loss": last_log_loss,
-                "lr": lr,
-                "grad_norm": norm.item(),
-                "tokens_per_sec": tok_s,
-                "step_ms": dt * 1e3,
-                "elapsed_s": elapsed,
-            }
-            mfu = ""
-            if peak:
-                event["mfu"] = tok_s * flops_per_token / peak / dist.world_size
-                mfu = f" | MFU {event['mfu']:.1%}"
-            logger.log(event)
-            done = step / cfg.max_steps
-            bar = "█" * int(20 * done) + "·" * (20 - int(20 * done))
-            print0(
-                f"step {step:>6}/{cfg.max_steps} {bar} | loss {last_log_loss:.4f} | lr {lr:.2e} | "
-                f"norm {norm.item():.2f} | {tok_s / 1e3:,.1f}K tok/s{mfu} | {dt * 1e3:.0f} ms | "
-                f"{fmt_time(elapsed)} | ETA {fmt_time(eta)}"
+            # --- log: throughput over the steps since the last line; ETA from the pace since the first --
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                train_loss = last_logged = distributed.all_reduce_mean(loss_sum).item()
+                now = time.perf_counter()
+                tok_s = window["tokens"] / window["seconds"]
+                step_ms = window["seconds"] / window["steps"] * 1e3
+                # ETA: wall time per step since the first line (evals and checkpoints included, the slow
+                # first steps not): steadier than any one interval, and what the remaining steps will cost.
+                if first_line is None:
+                    first_line, pace = (now, step), (now - t_start) / (step - first_step)
+                else:
+                    pace = (now - first_line[0]) / (step - first_line[1])
+                eta = (cfg.max_steps - step) * pace
+                event = {
+                    "step": step,
+                    "train_loss": train_loss,
+                    "lr": lr,
+                    "grad_norm": norm.item(),
+                    "tokens_per_sec": tok_s,
+                    "step_ms": step_ms,
+                    "elapsed_s": now - t_start,
+                }
+                mfu = ""
+                if peak:
+                    event["mfu"] = raw.mfu(tok_s / dist.world_size, peak, T)
+                    mfu = f" | MFU {event['mfu']:.1%}"
+                logger.log(event)
+                window = {"steps": 0, "tokens": 0, "seconds": 0.0}
+                done = step / cfg.max_steps
+                bar = "█" * int(20 * done) + "·" * (20 - int(20 * done))
+                print0(
+                    f"step {step:>6}/{cfg.max_steps} {bar} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                    f"norm {norm.item():.2f} | {tok_s / 1e3:,.1f}K tok/s{mfu} | {step_ms:.0f} ms/step | "
+                    f"{fmt_time(now - t_start)} | ETA {fmt_time(eta)}"
+                )
+
+        # --- the end: a LoRA run also writes its adapter (and, asked, the merged model) -------------
+        if lora_config is not None and dist.is_main:
+            path = peft.save_adapter(
+                raw,
+                out_dir / "adapter",
+                base=cfg.init_from,
+                tokenizer=data.tokenizer(),
+                template_tokens=data.template_tokens,
+                extra={
+                    "pad_vocab_multiple": cfg.pad_vocab_multiple,
+                    "tokenizer": tokenizer_spec,
+                    "step": step,
+                },  # fmt: skip
             )
-
-    # --- the end: a LoRA run also writes its adapter (and, asked, the merged model) -------------
-    for s, handler in previous_handlers.items():
-        signal.signal(s, handler)
-    if lora_config is not None and dist.is_main:
-        from gpt2lab.interop import peft
-
-        path = peft.save_adapter(
-            raw,
-            out_dir / "adapter",
-            base=cfg.init_from,
-            tokenizer=tok,
-            template_tokens=template_tokens,
-            extra={"pad_vocab_multiple": cfg.pad_vocab_multiple, "tokenizer": tokenizer_spec, "step": step},
+            size = (path / peft.WEIGHTS).stat().st_size
+            print0(f"adapter: {path} ({size / 1e6:.2f} MB)")
+            if cfg.merge:
+                merged = ckpt.save_checkpoint(
+                    out_dir / "merged",
+                    lora.merged_copy(raw),
+                    {
+                        "train": cfg.to_dict(),
+                        "tokenizer": tokenizer_spec,
+                        "step": step,
+                        "merged_from": str(path),
+                    },
+                )
+                print0(f"merged model: {merged} (an ordinary checkpoint: sample, eval, serve, convert)")
+        logger.plot()
+        median_ms = statistics.median(step_times) * 1e3 if step_times else math.nan
+        summary = {
+            "step": step,
+            "train_loss": last_logged,
+            "best_val_loss": best_val,
+            "median_step_ms": median_ms,
+            "tokens": tokens_seen,
+            "stopped": stopped or "max_steps reached",
+            "out_dir": str(out_dir),
+        }
+        timing = f"median step time {median_ms:.1f} ms" if step_times else "no steps run"
+        print0(
+            f"done: {summary['stopped']} at step {step}; best val loss {best_val:.4f}; {timing}; "
+            f"checkpoints in {out_dir}"
         )
-        size = (path / peft.WEIGHTS).stat().st_size
-        print0(f"adapter: {path} ({size / 1e6:.2f} MB)")
-        if cfg.merge:
-            merged = ckpt.save_checkpoint(
-                out_dir / "merged",
-                lora.merged_copy(raw),
-                {"train": cfg.to_dict(), "tokenizer": tokenizer_spec, "step": step, "merged_from": str(path)},
-            )
-            print0(f"merged model: {merged} (an ordinary checkpoint: sample, eval, serve, convert)")
-    logger.plot()
-    logger.close()
-    median_ms = statistics.median(step_times) * 1e3 if step_times else math.nan
-    summary = {
-        "step": step,
-        "train_loss": last_log_loss,
-        "best_val_loss": best_val,
-        "median_step_ms": median_ms,
-        "tokens": tokens_seen,
-        "stopped": stopped or "max_steps reached",
-        "out_dir": str(out_dir),
-    }
-    print0(
-        f"done: {summary['stopped']} at step {step}; best val loss {best_val:.4f}; median step time "
-        f"{median_ms:.1f} ms; checkpoints in {out_dir}"
-    )
-    distributed.teardown()
-    return summary
+        return summary
+    except WriteError as e:  # a full disk, a quota: the writer left no partial file behind
+        vocab = raw.config.vocab_size if raw is not None else 2
+        fix = "free space" if "space" in str(e) or "quota" in str(e) else "fix that"
+        raise WriteError(f"{e}; stopped at step {step}. {last_checkpoint(out_dir, vocab, fix)}") from None
+    finally:
+        cleanup.close()

@@ -32,7 +32,9 @@ def test_eval_loss_writes_json_next_to_the_checkpoint(tmp_path, capsys):
         main(["eval", "loss", "--ckpt", str(tmp_path / "ckpt"), "--data", str(data), "--seq-len", "64"]) == 0
     )
     out = capsys.readouterr().out
-    saved = json.loads((tmp_path / "ckpt" / "eval_loss.json").read_text())
+    saved = json.loads(
+        (tmp_path / "ckpt" / f"eval_loss_{data.name}_val.json").read_text()
+    )  # named by the data
     expected = evaluate_loss(model, data, "val", seq_len=64)
     assert saved["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert saved["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)

@@ -214,7 +214,7 @@ def test_bad_inputs_are_clear_errors_and_touch_nothing(shared_data, tmp_path):
     assert m["replaced_undecodable_bytes"] == 3
     # A finished directory asked for with another tokenizer is refused and left exactly as it was.
     before = {p.name: p.read_bytes() for p in (tmp_path / "o5").iterdir()}
-    with pytest.raises(UserError, match="was prepared with tokenizer"):
+    with pytest.raises(UserError, match="was prepared with the bytes tokenizer, not GPT-2.s tokenizer"):
         gpt2 = str(shared_data / "gpt2")
         prepare(tmp_path / "latin1.txt", tmp_path / "o5", tokenizer="gpt2", gpt2_vocab=gpt2, val_fraction=0.5)
     assert {p.name: p.read_bytes() for p in (tmp_path / "o5").iterdir()} == before
@@ -308,3 +308,18 @@ def test_one_process_accumulating_reads_what_two_processes_read(data_dir, mode):
         assert torch.equal(single.next_batch()[0], ranks[0].next_batch()[0])
         assert torch.equal(single.next_batch()[0], ranks[1].next_batch()[0])
     assert single.state_dict()["step"] == ranks[0].state_dict()["step"] == 5
+
+
+def test_blank_lines_may_hold_whitespace_and_val_keeps_documents_whole(tmp_path):
+    """--separator blank-line cuts at lines that look empty; the default val split of a corpus of several
+    documents falls between documents (10 files stay 10 documents), of one document inside it."""
+    (tmp_path / "a.txt").write_text("one\n  \ntwo\n\t\n\nthree\r\n \r\nfour")
+    docs = list(open_corpus(str(tmp_path / "a.txt"), "\n\n").splits["all"]())
+    assert docs == ["one", "two", "three", "four"]
+    (tmp_path / "docs").mkdir()
+    for i in range(10):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"document {i} " * (20 + i))
+    m = prepare(tmp_path / "docs", tmp_path / "out", tokenizer="bytes")
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 10
+    assert m["splits"]["val"]["documents"] == 1 and "in whole documents" in m["settings"]["val"]
+    assert all(len(split["max_ids"]) == len(split["shards"]) for split in m["splits"].values())

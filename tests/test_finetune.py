@@ -327,7 +327,7 @@ def test_lora_finetuning_two_processes_equal_one_with_accumulation(base, tmp_pat
     args += ["--batch-size", "4", "--log-interval", "1", "--eval-interval", "3", "--val-fraction", "0.1"]
     args += ["--learning-rate", "1e-2", "--lora-targets", "c_attn", "c_fc"]
     assert main([*args, "--out-dir", str(tmp_path / "one"), "--total-batch-size", "192"]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [*cmd, "-m", "gpt2lab", *args, "--out-dir", str(tmp_path / "two")],

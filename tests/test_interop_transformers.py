@@ -77,11 +77,7 @@ def test_folder_is_complete_with_a_model_card(tokenizers, tmp_path, capsys):
         assert fact in card, fact  # architecture, data, tokens seen (100 steps x 4096), val loss, how to load
 
 
-# safetensors' writer creates its file with mode 0600; atomic.py (issue 15) gives written files the umask's
-# mode. Until that lands on this branch, this test is expected to fail on model.safetensors.
-@pytest.mark.xfail(
-    reason="exported weights are 0600 until issue 15's atomic-write file modes land", strict=False
-)
+# safetensors' writer creates its file with mode 0600; atomic.py gives every written file the umask's mode.
 def test_exported_files_are_readable_by_others_per_the_umask(tokenizers, tmp_path):
     ckpt = checkpoint_with(tokenizers["bpe4k"], tmp_path / "ckpt")
     old = os.umask(0o022)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gpt2lab.atomic import atomic_write, read_json, write_json
-from gpt2lab.checkpoint import copy_weights, model_tensors
+from gpt2lab.checkpoint import build_model, copy_weights, model_tensors, read_pickle
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT
@@ -206,11 +206,19 @@ def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
             return load_file(path / "model.safetensors")
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json(index, "")
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(f"{index}: 'weight_map' must map tensor names to file names")
+            shards = sorted(set(weight_map.values()))
             return {k: v for shard in shards for k, v in load_file(path / shard).items()}
         if (path / "pytorch_model.bin").is_file():
-            # weights_only=True: a pickle from the internet must not be able to run code.
-            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            # weights_only: a pickle from the internet must not be able to run code.
+            bin_file = path / "pytorch_model.bin"
+            state = read_pickle(bin_file, "a PyTorch state dict")
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise UserError(f"{bin_file} is not a state dict (tensors by name)")
+            return state
     except (SafetensorError, OSError, RuntimeError, KeyError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: the weights cannot be read ({type(e).__name__}: {e})") from None
     raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
@@ -225,7 +233,7 @@ def load_pretrained(name_or_dir: str | Path, **overrides: Any) -> GPT:
     hf_config = read_json(
         path / "config.json", f"{path}: no config.json (expected a Hugging Face GPT-2 directory)"
     )
-    model = GPT(config_from_hf(hf_config, str(path), **overrides))
+    model = build_model(config_from_hf(hf_config, str(path), **overrides), str(path / "config.json"))
     copy_weights(model, from_hf_tensors(read_hf_tensors(path)), str(path))
     return model.eval()
 
