@@ -15,6 +15,11 @@ the data, and so the losses, do not depend on how a global batch is split across
   of them once, in an order shuffled by (seed, epoch). The epochs form one stream of windows, and
   step k hands stream v the (k * streams + v)-th block of B: the ranks read disjoint windows, and
   every window is seen exactly once per epoch.
+
+windows="document" (documents.py): instead of windows anywhere, rows that each stay inside one
+document, right-padded (targets IGNORE_INDEX); random mode draws B rows uniformly (so every target
+is equally likely, as the makemore lectures' minibatches of examples), sequential mode visits every
+row once per epoch, with the same streams as above.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from gpt2lab.documents import LAYOUTS, TokenStream, read_rows, rows
 from gpt2lab.errors import UserError
 from gpt2lab.shards import read_manifest, read_shard
 
@@ -44,9 +50,12 @@ class ShardLoader:
         seed: int = 1337,
         device: str | torch.device = "cpu",
         grad_accum: int = 1,
+        windows: str = "stream",
     ):
         if mode not in ("random", "sequential"):
             raise UserError(f"loader mode must be 'random' or 'sequential', got {mode!r}")
+        if windows not in LAYOUTS:
+            raise UserError(f"loader windows must be one of {LAYOUTS}, got {windows!r}")
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is not in [0, world_size {world_size})")
         self.manifest = read_manifest(data_dir)
@@ -59,7 +68,14 @@ class ShardLoader:
         shards = [read_shard(Path(data_dir) / name) for name in splits[split]["shards"]]
         self.shards = [s for s in shards if len(s) >= seq_len + 1]  # a shard shorter than a window is unused
         self.n_tokens = sum(len(s) for s in shards)
-        if mode == "random":
+        self.layout = windows
+        if windows == "document":  # rows of the split read as one stream (documents may cross shards)
+            self.stream = TokenStream(shards)
+            self.rows = rows(self.stream, seq_len, "document", self.manifest["eot_id"])
+            self.n_windows = len(self.rows)
+            if not self.n_windows:
+                raise UserError(f"the {split} split has no document with a token to predict")
+        elif mode == "random":
             if not self.shards:
                 raise UserError(
                     f"the {split} split ({self.n_tokens} tokens) is too small for one window of "
@@ -71,6 +87,7 @@ class ShardLoader:
             counts = [(len(s) - 1) // seq_len for s in self.shards]
             self.window_starts = np.cumsum([0, *counts])  # window w lives in shard searchsorted(w)
             self.n_windows = int(self.window_starts[-1])
+        if mode == "sequential":
             if self.n_windows < batch_size * self.streams:
                 raise UserError(
                     f"the {split} split has {self.n_windows} windows of {seq_len + 1} tokens, fewer than one "
@@ -79,12 +96,14 @@ class ShardLoader:
             self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
         self.step, self.micro = 0, 0
 
-    def _random_windows(self, step: int, stream: int) -> list[tuple[int, int]]:
+    def _random_windows(self, step: int, stream: int) -> list[Any]:
         rng = np.random.default_rng([self.seed, stream, step])
+        if self.layout == "document":
+            return rng.integers(0, len(self.rows), size=self.B).tolist()
         shard_ids = rng.choice(len(self.shards), size=self.B, p=self.shard_p)
         return [(int(s), int(rng.integers(0, len(self.shards[s]) - self.T))) for s in shard_ids]
 
-    def _sequential_windows(self, step: int, stream: int) -> list[tuple[int, int]]:
+    def _sequential_windows(self, step: int, stream: int) -> list[Any]:
         first = (step * self.streams + stream) * self.B  # position in the endless stream of epochs
         windows = []
         for p in range(first, first + self.B):
@@ -93,12 +112,16 @@ class ShardLoader:
                 self._epoch = epoch
                 self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
             w = int(self._perm[i])
+            if self.layout == "document":
+                windows.append(w)
+                continue
             shard = int(np.searchsorted(self.window_starts, w, side="right")) - 1
             windows.append((shard, (w - int(self.window_starts[shard])) * self.T))
         return windows
 
-    def windows(self, step: int, micro: int = 0) -> list[tuple[int, int]]:
-        """(shard index, start offset) of the B windows this rank reads at (step, micro-batch)."""
+    def windows(self, step: int, micro: int = 0) -> list[Any]:
+        """(shard index, start offset) of the B windows this rank reads at (step, micro-batch); with
+        windows="document", the indices of its B rows in self.rows."""
         stream = micro * self.world_size + self.rank
         if self.mode == "random":
             return self._random_windows(step, stream)
@@ -107,11 +130,16 @@ class ShardLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch; after grad_accum of them the loader is at the next step."""
         windows = self.windows(self.step, self.micro)
-        buf = np.stack([self.shards[s][o : o + self.T + 1] for s, o in windows])  # (B, T+1)
         self.step, self.micro = divmod(self.step * self.grad_accum + self.micro + 1, self.grad_accum)
-        batch = torch.from_numpy(buf.astype(np.int64))
+        if self.layout == "document":
+            batch = torch.stack(read_rows(self.stream, self.rows[windows], self.T), dim=1)  # (B, 2, T)
+        else:
+            buf = np.stack([self.shards[s][o : o + self.T + 1] for s, o in windows])  # (B, T+1)
+            batch = torch.from_numpy(buf.astype(np.int64))
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
             batch = batch.pin_memory().to(self.device, non_blocking=True)
+        if self.layout == "document":
+            return batch[:, 0], batch[:, 1]  # x (B, T), y (B, T) with IGNORE_INDEX padding
         return batch[:, :-1], batch[:, 1:]  # x (B, T), y (B, T)
 
     def __iter__(self):
@@ -121,6 +149,8 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """The position (step, micro) and what defines the stream of global batches."""
         stream = {"mode": self.mode, "seed": self.seed, "batch_size": self.B, "seq_len": self.T}
+        if self.layout != "stream":  # absent in stream mode, as in states saved before it existed
+            stream["windows"] = self.layout
         return {"step": self.step, "micro": self.micro, "streams": self.streams, **stream}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -131,9 +161,11 @@ class ShardLoader:
         2 processes resumes on 1 accumulating 2 micro-batches (or the reverse) and reads the same data.
         """
         mine = self.state_dict()
-        for key in ("mode", "seed", "batch_size", "seq_len", "streams"):
-            if state.get(key) != mine[key]:
-                raise UserError(f"loader state has {key} {state.get(key)!r}, this loader has {mine[key]!r}")
+        for key in ("mode", "seed", "batch_size", "seq_len", "streams", "windows"):
+            if state.get(key) != mine.get(key):
+                raise UserError(
+                    f"loader state has {key} {state.get(key)!r}, this loader has {mine.get(key)!r}"
+                )
         self.step, self.micro = int(state["step"]), int(state["micro"])
 
     @property
