@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from gpt2lab.atomic import atomic_write, read_json, write_json  # noqa: F401  (re-exported for callers)
-from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
+from gpt2lab.ladder import build_model
 from gpt2lab.model import GPT
 
 FORMAT = "gpt2lab-checkpoint"
@@ -34,7 +34,7 @@ def model_tensors(model: GPT, tensors: dict[str, torch.Tensor] | None = None) ->
     contiguous; a tied lm_head is left out (it is wte)."""
     source = model.state_dict() if tensors is None else tensors
     tensors = {k: v.detach().cpu().contiguous() for k, v in source.items()}
-    if model.config.tie_weights:
+    if getattr(model.config, "tie_weights", False):
         tensors.pop("lm_head.weight", None)
     return tensors
 
@@ -49,7 +49,7 @@ def copy_weights(
     absent. names: only these of the model's tensors are expected (an adapter's), not all of them.
     """
     expected = {k: v for k, v in model.state_dict().items() if names is None or k in names}
-    if model.config.tie_weights:
+    if getattr(model.config, "tie_weights", False):  # GPT's; the ladder's families tie nothing
         expected.pop("lm_head.weight", None)
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     missing = [k for k in expected if k not in tensors]
@@ -198,14 +198,16 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(ckpt_dir: str | Path, merge: bool = True, **overrides: Any) -> GPT:
-    """The GPT stored in a checkpoint directory, in eval mode; overrides set config fields.
+    """The model stored in a checkpoint directory, in eval mode; overrides set config fields.
+
+    config.json's "model" dict names the family (ladder.build_model; absent: a GPT).
 
     A LoRA run's checkpoint (config "lora") holds the frozen base and the adapter: it comes back
     with the adapter merged into the weights (merge=False: adapters kept apart, as training resumes).
     """
     ckpt_dir = resolve(ckpt_dir)
     config = read_config(ckpt_dir)
-    model = GPT(GPTConfig.from_dict({**config["model"], **overrides}))
+    model = build_model({**config["model"], **overrides})
     if config.get("lora"):
         from gpt2lab.lora import apply_lora_settings
 

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from gpt2lab.config import GPTConfig, SampleConfig
 from gpt2lab.errors import UserError
+from gpt2lab.ladder import supports_kv_cache
 
 GPT2_EOT = 50256  # GPT-2's <|endoftext|>: the document separator it was trained with
 
@@ -467,6 +468,8 @@ def steps(
         raise UserError("stop strings need decode_bytes (a tokenizer's ids -> bytes) to read the text")
     if len(prompts) == 0:
         raise UserError("no prompts given")
+    if compile and not supports_kv_cache(model):
+        raise UserError(f"compile decodes through a KV cache, which a {type(model).__name__} model has not")
     prompts = [_prepare_prompt(p, cfg, eot_id) for p in prompts]
     if max_new_tokens == 0:
         return
@@ -520,13 +523,18 @@ def _decode(
     tokens = tokens.to(device)
     pad = torch.tensor([P - n for n in lengths], device=device)  # (B,) left padding of each row
     # The newest token is never fed to the model, so total - 1 positions suffice.
-    cache_type = StaticKVCache if compile else KVCache
-    cache = cache_type(cfg, B, min(cfg.block_size, total - 1), device=device, dtype=param.dtype, pad=pad)
+    cache: KVCache | None = None  # None: a model without a KV cache (the ladder's), recomputed each step
+    if supports_kv_cache(model):
+        cache_type = StaticKVCache if compile else KVCache
+        cache = cache_type(cfg, B, min(cfg.block_size, total - 1), device=device, dtype=param.dtype, pad=pad)
 
     # --- prefill: all prompts at once, then each row's cache copied for its samples
-    logits = model(tokens[:, :P], kv_cache=cache, last_only=True)[:, -1].float()  # (B, V)
+    if cache is None:
+        logits = _window_logits(model, tokens, pad, P - 1)  # (B, V)
+    else:
+        logits = model(tokens[:, :P], kv_cache=cache, last_only=True)[:, -1].float()  # (B, V)
     if num_samples > 1:
-        cache = cache.repeat_interleave(num_samples)
+        cache = cache if cache is None else cache.repeat_interleave(num_samples)
         tokens = tokens.repeat_interleave(num_samples, dim=0)
         pad = pad.repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
@@ -561,7 +569,9 @@ def _decode(
             counts.scatter_add_(
                 1, nxt[:, None], torch.tensor(emitted, device=device, dtype=counts.dtype)[:, None]
             )
-        if cache.pos == cache.max_len:  # the context is full: restart the window at the last `keep` tokens
+        if cache is None:
+            logits = _window_logits(model, tokens, pad, cur)
+        elif cache.pos == cache.max_len:  # the context is full: restart the window at the last `keep` tokens
             window = cur + 1 - keep  # column of `tokens` that becomes position 0
             window_pad = (pad - window).clamp(min=0)
             cache.reset(pad=window_pad)
@@ -574,6 +584,16 @@ def _decode(
             cache.pos += 1
         else:
             logits = model(tokens[:, cur : cur + 1], kv_cache=cache)[:, -1].float()
+
+
+def _window_logits(model: Any, tokens: torch.Tensor, pad: torch.Tensor, cur: int) -> torch.Tensor:
+    """Without a KV cache: each row's next-token logits (B, V), recomputed from its last block_size
+    tokens up to column `cur` of `tokens`; left padding is never read (rows that have it go one by one)."""
+    lo = max(0, cur + 1 - model.config.block_size)
+    if int(pad.max()) <= lo:
+        return model(tokens[:, lo : cur + 1])[:, -1].float()
+    rows = [model(tokens[b : b + 1, max(lo, int(p)) : cur + 1])[:, -1] for b, p in enumerate(pad.tolist())]
+    return torch.cat(rows).float()
 
 
 # --- the public interface ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from gpt2lab.atomic import atomic_write, read_json, write_json
 from gpt2lab.checkpoint import copy_weights, load_model, model_tensors, save_checkpoint
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
+from gpt2lab.ladder import require_gpt
 from gpt2lab.model import GPT
 
 HUB_NAMES = {  # OpenAI's four GPT-2 sizes on the Hugging Face hub
@@ -189,6 +190,7 @@ def convert(out: str | Path, ckpt: str | Path | None = None, pretrained: str | P
         )
     if ckpt is not None:
         model = load_model(ckpt)
+        require_gpt(model, "converting to Hugging Face GPT-2")
         save_pretrained(model, out)
         reloaded, what = load_pretrained(out), "Hugging Face GPT-2 directory"
     else:

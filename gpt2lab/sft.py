@@ -28,6 +28,7 @@ import torch
 
 from gpt2lab.config import pad_vocab_size
 from gpt2lab.errors import UserError
+from gpt2lab.ladder import require_gpt
 from gpt2lab.model import GPT, IGNORE_INDEX
 from gpt2lab.tokenizer import AddedTokens, Tokenizer
 
@@ -52,6 +53,7 @@ def add_template_tokens(
     row starts at the mean of the real tokens' rows (Hewitt 2021: an average word, not noise, so
     its logit starts near the others' instead of dominating or vanishing).
     """
+    require_gpt(model, "fine-tuning on chat examples")
     missing = [t for t in TEMPLATE_TOKENS if t not in tok.special_tokens]
     for t in TEMPLATE_TOKENS:
         if t in tok.special_tokens and tok.special_tokens[t] >= model.config.vocab_size:

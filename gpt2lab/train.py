@@ -20,9 +20,16 @@ import torch
 
 from gpt2lab import checkpoint as ckpt
 from gpt2lab import distributed
-from gpt2lab.config import GPTConfig, TrainConfig, pad_vocab_size
+from gpt2lab.config import (
+    ModelConfig,
+    TrainConfig,
+    family_config_class,
+    model_config_from_dict,
+    pad_vocab_size,
+)
 from gpt2lab.dataloader import ShardLoader
 from gpt2lab.errors import UserError
+from gpt2lab.ladder import build_model
 from gpt2lab.model import GPT
 from gpt2lab.shards import read_manifest
 
@@ -68,12 +75,15 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     )
 
 
-def model_config(cfg: TrainConfig, data_vocab: int) -> GPTConfig:
-    """The architecture: preset < recipe/CLI fields; vocab from the data, padded, unless set explicitly."""
+def model_config(cfg: TrainConfig, data_vocab: int, eot_id: int | None = None) -> ModelConfig:
+    """The architecture: its family (cfg.model["family"], default "gpt"), a GPT's preset < recipe/CLI
+    fields; vocab from the data, padded, and the ladder's eot_id from the data, unless set explicitly."""
     fields = dict(cfg.model)
     if "vocab_size" not in fields:
         fields["vocab_size"] = pad_vocab_size(data_vocab, cfg.pad_vocab_multiple)
-    model_cfg = GPTConfig.preset(cfg.preset, **fields)
+    if "eot_id" not in fields and hasattr(family_config_class(fields.get("family", "gpt")), "eot_id"):
+        fields["eot_id"] = eot_id  # the ladder's MLP / WaveNet read EOT before a window's first token
+    model_cfg = model_config_from_dict(fields, cfg.preset)
     if model_cfg.vocab_size < data_vocab:
         raise UserError(
             f"the data's vocabulary ({data_vocab} tokens) does not fit the model's vocab_size "
@@ -223,8 +233,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         tokenizer_spec, data_vocab = manifest["tokenizer"], manifest["vocab_size"]
         tok = None  # built from the spec if HellaSwag or samples need it
         if cfg.init_from == "scratch":
-            model_cfg = model_config(cfg, data_vocab)
-            raw = GPT(model_cfg)
+            model_cfg = model_config(cfg, data_vocab, manifest["eot_id"])
+            raw = build_model(model_cfg)
         else:
             raw, _ = load_init(cfg)
             model_cfg = raw.config
@@ -260,6 +270,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             cfg.seed,
             device,
             grad_accum,
+            cfg.windows,
         )
         has_val = "val" in manifest["splits"]
         data_desc = f"data vocab {data_vocab}"
@@ -358,8 +369,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         )
         ckpt.atomic_write(metrics, lambda p: p.write_text("".join(line + "\n" for line in kept)))
     logger = Logger(out_dir, cfg, dist.is_main)
+    name = cfg.preset if isinstance(raw, GPT) else f"{model_cfg.family} ({type(raw).__name__})"
     print0(
-        f"model: {cfg.init_from if cfg.init_from != 'scratch' else cfg.preset}, {raw.num_params():,} "
+        f"model: {cfg.init_from if cfg.init_from != 'scratch' else name}, {raw.num_params():,} "
         f"parameters, vocab {model_cfg.vocab_size} ({data_desc}); device {device}{' ' + gpu if gpu else ''}, "
         f"{dist.world_size} process(es), autocast {amp_dtype or 'off (fp32)'}, compile {cfg.compile}"
     )
@@ -440,6 +452,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     cfg.eval_tokens or None,
                     device,
                     autocast=autocast(),
+                    windows=cfg.windows,
                 )
             raw.train()
             val = result["loss"]
@@ -508,6 +521,21 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
         # --- step: grad_accum micro-batches, clip, optimizer ------------------------------------
         t0 = time.perf_counter()
+        if getattr(model_cfg, "fit", None) == "counts":
+            # The counting bigram has no gradient: its one step (max_steps is 1) counts every target of
+            # the train split once and sets its weights to the smoothed log frequencies (ladder.py).
+            from gpt2lab.documents import split_batches
+
+            n, last_log_loss = raw.fit_counts(
+                split_batches(cfg.data, "train", cfg.batch_size, T, cfg.windows)
+            )
+            step, tokens_seen = step + 1, tokens_seen + n
+            step_times.append(time.perf_counter() - t0)
+            logger.log(
+                {"step": step, "train_loss": last_log_loss, "elapsed_s": time.perf_counter() - t_start}
+            )
+            print0(f"step {step:>6}/{cfg.max_steps} | counted {n:,} train targets | loss {last_log_loss:.4f}")
+            continue
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
