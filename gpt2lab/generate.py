@@ -534,7 +534,8 @@ def _decode(
     else:
         logits = model(tokens[:, :P], kv_cache=cache, last_only=True)[:, -1].float()  # (B, V)
     if num_samples > 1:
-        cache = cache if cache is None else cache.repeat_interleave(num_samples)
+        if cache is not None:
+            cache = cache.repeat_interleave(num_samples)
         tokens = tokens.repeat_interleave(num_samples, dim=0)
         pad = pad.repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
