@@ -35,7 +35,10 @@ def loss_or_logits(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.
 
 
 class LadderModel(nn.Module):
-    """What every rung below GPT shares: counting parameters and FLOPs the way GPT does."""
+    """What every rung below GPT shares: counting parameters and FLOPs the way GPT does. No KV cache:
+    generation recomputes the window at every step (decoder.supports_kv_cache is False)."""
+
+    supports_kv_cache = False
 
     def num_params(self, non_embedding: bool = False) -> int:
         """All parameters (nothing is tied; non_embedding is accepted for GPT's signature and changes nothing:
@@ -182,11 +185,6 @@ def build_model(config: ModelConfig | dict[str, Any]) -> Any:
     if isinstance(config, dict):
         config = model_config_from_dict(config)
     return MODELS.get(type(config), GPT)(config)
-
-
-def supports_kv_cache(model: nn.Module) -> bool:
-    """Whether generation can decode through a KV cache (GPT); the other families recompute each step."""
-    return isinstance(model, GPT)
 
 
 def require_gpt(model: nn.Module, what: str) -> None:
