@@ -337,3 +337,23 @@ def test_document_loader_rows_each_start_a_name_and_resume(names):
     assert all(torch.equal(a, b) for a, b in zip(again.next_batch(), after, strict=True))
     with pytest.raises(UserError, match="windows"):
         ShardLoader(names, "train", 32, 16, mode="sequential").load_state_dict(state)
+
+
+def test_serve_answers_with_a_ladder_model(tmp_path):
+    """The server's engine runs any family: the ladder's through the Decoder's recompute path."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from gpt2lab.config import ServeConfig
+    from gpt2lab.server import create_app
+    from gpt2lab.tokenizer import CharTokenizer
+
+    torch.manual_seed(0)
+    spec = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz")).to_spec()
+    ckpt = save_checkpoint(tmp_path / "wavenet", build_model({"family": "wavenet"}), {"tokenizer": spec})
+    with TestClient(create_app(ServeConfig(ckpt=str(ckpt)))) as client:
+        body = {"model": "wavenet", "prompt": "em", "max_tokens": 10, "n": 2, "seed": 1}
+        first, again = (client.post("/v1/completions", json=body) for _ in range(2))
+    assert first.status_code == 200 and first.json()["choices"] == again.json()["choices"]  # seeded
+    texts = [c["text"] for c in first.json()["choices"]]
+    assert len(texts) == 2 and all(set(t) <= set("abcdefghijklmnopqrstuvwxyz") for t in texts)
