@@ -159,6 +159,8 @@ def test_wavenet_is_the_lectures_hierarchy_at_every_position():
                 x = torch.tanh(layer.norm(x @ layer.linear.weight.T))
             assert torch.allclose(logits[:, t], model.lm_head(x[:, 0]), atol=1e-5)
     assert model.num_params() == 76579  # the lecture's figure
+    with torch.no_grad():  # LayerNorm: a row's predictions do not depend on the rest of its batch
+        assert torch.allclose(model(idx[2:3]), logits[2:3], atol=1e-6)
 
 
 def assert_evaluates_and_samples(run: Path, names: Path, capsys, max_tokens: int | None = None) -> None:
@@ -315,6 +317,16 @@ def test_family_dispatch_and_old_checkpoints(tmp_path):
     assert "family" not in read_config(path)["model"] and isinstance(load_model(resolve(path)), GPT)
     path = save_checkpoint(tmp_path / "wavenet", build_model({"family": "wavenet", "n_layer": 2}))
     assert isinstance(load_model(path), WaveNet) and load_model(path).config.context == 4
+    # What needs GPT-2's layers refuses another family in one line.
+    assert main(["convert", "--ckpt", str(path), "--out", str(tmp_path / "hf")]) == 2
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(UserError, match="fsdp"):
+        TrainConfig(model={"family": "wavenet"}, fsdp=True)
+    from gpt2lab.sft import add_template_tokens
+    from gpt2lab.tokenizer import get_tokenizer
+
+    with pytest.raises(UserError, match="chat examples needs a GPT"):
+        add_template_tokens(load_model(path), get_tokenizer("bytes"))
 
 
 def test_generation_without_a_kv_cache_recomputes_each_rows_window():
