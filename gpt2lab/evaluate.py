@@ -551,7 +551,8 @@ def run_loss(
     windows: default as the checkpoint was trained (its train config), else "stream". per_document: also
     write every document's loss (and with per_token, every token's) to this .jsonl.
     """
-    from gpt2lab.checkpoint import load_any, read_config
+    from gpt2lab.checkpoint import read_config
+    from gpt2lab.interop import load_any
 
     device = str(distributed.pick_device(device or "auto"))
     model, _ = load_any(ckpt, pretrained, device)
@@ -607,7 +608,7 @@ def run_hellaswag(
     progress: bool = True,
 ) -> str:
     """`gpt2lab eval hellaswag`: the table to print; JSON to json_out, else next to the checkpoint."""
-    from gpt2lab.checkpoint import load_any
+    from gpt2lab.interop import load_any
     from gpt2lab.tokenizer import model_tokenizer
 
     device = str(distributed.pick_device(device or "auto"))

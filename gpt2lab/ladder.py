@@ -21,7 +21,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gpt2lab.config import BigramConfig, MLPConfig, ModelConfig, WaveNetConfig, model_config_from_dict
-from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, IGNORE_INDEX
 
 
@@ -185,10 +184,3 @@ def build_model(config: ModelConfig | dict[str, Any]) -> Any:
     if isinstance(config, dict):
         config = model_config_from_dict(config)
     return MODELS.get(type(config), GPT)(config)
-
-
-def require_gpt(model: nn.Module, what: str) -> None:
-    """UserError unless `model` is a GPT: `what` (Hugging Face export, chat fine-tuning) needs its layers."""
-    if not isinstance(model, GPT):
-        family = getattr(model.config, "family", type(model).__name__)
-        raise UserError(f"{what} needs a GPT; this is a {family!r} model of the ladder")

@@ -28,7 +28,6 @@ import torch
 
 from gpt2lab.config import pad_vocab_size
 from gpt2lab.errors import UserError
-from gpt2lab.ladder import require_gpt
 from gpt2lab.model import GPT, IGNORE_INDEX
 from gpt2lab.tokenizer import AddedTokens, Tokenizer
 
@@ -53,7 +52,8 @@ def add_template_tokens(
     row starts at the mean of the real tokens' rows (Hewitt 2021: an average word, not noise, so
     its logit starts near the others' instead of dominating or vanishing).
     """
-    require_gpt(model, "fine-tuning on chat examples")
+    if not isinstance(model, GPT):  # a family of the model ladder (ladder.py): no wte / lm_head to grow
+        raise UserError(f"fine-tuning on chat examples needs a GPT; this is a {model.config.family!r} model")
     missing = [t for t in TEMPLATE_TOKENS if t not in tok.special_tokens]
     for t in TEMPLATE_TOKENS:
         if t in tok.special_tokens and tok.special_tokens[t] >= model.config.vocab_size:
@@ -107,24 +107,6 @@ def template_id(tok: Tokenizer, token: str) -> int:
 def chat_stop_ids(tok: Tokenizer) -> list[int]:
     """Token ids that end an assistant reply: <|end|> and <|endoftext|>."""
     return [template_id(tok, END), tok.eot_id]
-
-
-def attach_adapter(model: GPT, tok: Tokenizer, adapter_dir: str | Path) -> Tokenizer:
-    """Put a LoRA adapter (with its template tokens' rows) onto its base model, merged; the tokenizer
-    with the template tokens. UserError when the base is not the adapter's (architecture, tokens)."""
-    from gpt2lab import lora
-
-    config = lora.read_adapter_config(adapter_dir)
-    expected = config.get("template_tokens") or {}
-    if expected:
-        tok, _ = add_template_tokens(model, tok, config.get("pad_vocab_multiple", 64))
-        have = {t: tok.special_tokens.get(t) for t in expected}
-        if have != expected:
-            raise UserError(
-                f"adapter {adapter_dir} has template tokens {expected}; this base gives them {have}"
-            )
-    lora.load_adapter(model, adapter_dir)
-    return tok
 
 
 # --- rendering ------------------------------------------------------------------------------------
