@@ -80,6 +80,18 @@ def test_prepare_names_is_the_lectures_split_framed_by_eot(names, shared_data):
     assert [m["splits"][s]["tokens"] - 1 for s in ("train", "val", "test")] == [182625, 22655, 22866]
 
 
+def test_small_shards_hold_the_same_split(names, tmp_path):
+    """Documents and the closing EOT cut across shard boundaries: the same tokens, split by split."""
+    args = ["--separator", "line", "--tokenizer", "char", "--shard-tokens", "5000"]
+    source = read_manifest(names)["settings"]["source"]
+    assert main(["prepare", source, *args, "--out", str(tmp_path / "small")]) == 0
+    m = read_manifest(tmp_path / "small")
+    assert len(m["splits"]["val"]["shards"]) == 5  # 22,656 tokens
+    for split in ("train", "val", "test"):
+        assert np.array_equal(split_tokens(tmp_path / "small", split), split_tokens(names, split))
+        assert m["splits"][split]["documents"] == read_manifest(names)["splits"][split]["documents"]
+
+
 def test_split_options_are_checked():
     assert PrepareConfig(source="a", out="b", separator="line").split == "80/10/10"
     assert PrepareConfig(source="a", out="b", separator="line", split="90/10").split_fractions() == (0.9, 1.0)
