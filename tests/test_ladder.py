@@ -265,6 +265,63 @@ def test_neural_bigram_converges_to_the_counting_bigram(names, tmp_path):
     assert abs(grad["loss"] - counts["loss"]) < 0.01
 
 
+# --- then text: the same recipes on char tinyshakespeare, in stream windows ------------------------
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory) -> Path:
+    """The first 100,000 characters of tinyshakespeare, prepared with the char tokenizer (90/10 cut)."""
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.skip(f"tinyshakespeare.txt not found at {path}")
+    root = tmp_path_factory.mktemp("shakespeare")
+    (root / "text.txt").write_text(path.read_text()[:100_000])
+    assert main(["prepare", str(root / "text.txt"), "--tokenizer", "char", "--out", str(root / "data")]) == 0
+    return root / "data"
+
+
+def test_the_ladder_runs_on_char_text_in_stream_windows(shakespeare, tmp_path, capsys):
+    """docs/ladder.md "Then text": the names recipes, a flag away from Shakespeare. The counting bigram
+    counts every adjacent pair of the train text once and scores every val token; the MLP and the
+    WaveNet train, evaluate and sample with the text's vocabulary and EOT."""
+    m = read_manifest(shakespeare)
+    V, train_tokens, val_tokens = (
+        m["vocab_size"],
+        split_tokens(shakespeare, "train"),
+        split_tokens(shakespeare, "val"),
+    )
+    N = np.zeros((V, V))
+    np.add.at(N, (train_tokens[:-1], train_tokens[1:]), 1)
+    log_p = np.log((N + 1) / (N + 1).sum(axis=1, keepdims=True))
+    text = ["--data", str(shakespeare), "--windows", "stream", "--block-size", "32", "--sample-tokens", "0"]
+    assert main(["train", "--recipe", "names-bigram", *text, "--out-dir", str(tmp_path / "bigram")]) == 0
+    model = load_model(tmp_path / "bigram")
+    assert model.weight.shape == (V, V) and torch.allclose(
+        model.weight.double(), torch.from_numpy(log_p), atol=1e-6
+    )
+    logged = json.loads((tmp_path / "bigram" / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+    assert logged == pytest.approx(-log_p[val_tokens[:-1], val_tokens[1:]].mean(), abs=1e-6)
+
+    text += ["--max-steps", "4", "--batch-size", "8", "--eval-interval", "0", "--eval-tokens", "2048"]
+    for recipe in ("names-mlp", "names-wavenet"):
+        run = tmp_path / recipe
+        assert main(["train", "--recipe", recipe, *text, "--out-dir", str(run)]) == 0
+        model = load_model(run)
+        assert (model.config.vocab_size, model.config.eot_id) == (V, m["eot_id"])
+        assert read_config(run)["train"]["windows"] == "stream"
+        assert (
+            main(["eval", "loss", "--ckpt", str(run), "--data", str(shakespeare), "--max-tokens", "2048"])
+            == 0
+        )
+        val = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+        assert json.loads((run / "eval_loss.json").read_text())["loss"] == pytest.approx(val, abs=1e-6)
+        args = ["sample", "--ckpt", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--seed", "0"]
+        capsys.readouterr()
+        assert main(args) == 0
+        printed = capsys.readouterr().out.split("-" * 40)[0].strip()  # the prompt and its continuation
+        assert printed.startswith("ROMEO:") and len(printed) > len("ROMEO:")
+
+
 # --- eval loss --per-document ---------------------------------------------------------------------
 
 
