@@ -33,8 +33,9 @@ from gpt2lab.atomic import (  # noqa: F401  (atomic_write, write_json: re-export
     write_json,
     writing,
 )
-from gpt2lab.config import GPTConfig, is_count
+from gpt2lab.config import is_count, model_config_from_dict
 from gpt2lab.errors import UserError, WriteError, quote
+from gpt2lab.ladder import build_model
 from gpt2lab.model import GPT
 
 FORMAT = "gpt2lab-checkpoint"
@@ -54,7 +55,7 @@ def model_tensors(model: GPT, tensors: dict[str, torch.Tensor] | None = None) ->
     contiguous; a tied lm_head is left out (it is wte)."""
     source = model.state_dict() if tensors is None else tensors
     tensors = {k: v.detach().cpu().contiguous() for k, v in source.items()}
-    if model.config.tie_weights:
+    if getattr(model.config, "tie_weights", False):
         tensors.pop("lm_head.weight", None)
     return tensors
 
@@ -69,7 +70,7 @@ def copy_weights(
     absent. names: only these of the model's tensors are expected (an adapter's), not all of them.
     """
     expected = {k: v for k, v in model.state_dict().items() if names is None or k in names}
-    if model.config.tie_weights:
+    if getattr(model.config, "tie_weights", False):  # GPT's; the ladder's families tie nothing
         expected.pop("lm_head.weight", None)
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     missing = [k for k in expected if k not in tensors]
@@ -95,34 +96,6 @@ def copy_weights(
 
 def _names(names: list[str]) -> str:
     return repr(names[0]) + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
-
-
-def physical_memory() -> int | None:
-    """Bytes of RAM on this machine, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def build_model(config: GPTConfig, source: str) -> GPT:
-    """A new model of `config`, built only after checking that its weights fit this machine's memory.
-
-    Every model gpt2lab makes from a file or flags (a recipe, a checkpoint's config.json) is built
-    here: a config can ask for terabytes, and allocating them would kill the process (or the machine)
-    instead of saying why. The size is counted on the meta device, which allocates nothing.
-    """
-    with torch.device("meta"):
-        shapes = GPT(config)
-    need = sum(t.numel() * t.element_size() for t in (*shapes.parameters(), *shapes.buffers()))
-    have = physical_memory()
-    if have is not None and need > have:
-        raise UserError(
-            f"{source}: a model of n_layer {config.n_layer}, n_embd {config.n_embd}, block_size "
-            f"{config.block_size}, vocab_size {config.vocab_size} needs {need / 1e9:,.1f} GB for its weights "
-            f"alone, more than this machine's {have / 1e9:,.1f} GB of memory"
-        )
-    return GPT(config)
 
 
 def _write_failure(e: Exception, path: Path) -> str | None:
@@ -378,7 +351,9 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(ckpt_dir: str | Path, merge: bool = True, **overrides: Any) -> GPT:
-    """The GPT stored in a checkpoint directory, in eval mode; overrides set config fields.
+    """The model stored in a checkpoint directory, in eval mode; overrides set config fields.
+
+    config.json's "model" dict names the family (ladder.build_model; absent: a GPT).
 
     A LoRA run's checkpoint (config "lora") holds the frozen base and the adapter: it comes back
     with the adapter merged into the weights (merge=False: adapters kept apart, as training resumes).
@@ -387,7 +362,7 @@ def load_model(ckpt_dir: str | Path, merge: bool = True, **overrides: Any) -> GP
     config = read_config(ckpt_dir)
     path = ckpt_dir / CONFIG
     try:
-        model_config = GPTConfig.from_dict({**config["model"], **overrides})
+        model_config = model_config_from_dict({**config["model"], **overrides})
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     model = build_model(model_config, str(path))

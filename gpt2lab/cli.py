@@ -10,6 +10,8 @@ import typing
 from typing import Any
 
 from gpt2lab.config import (
+    FAMILIES,
+    LADDER,
     PRESETS,
     ChatConfig,
     GPTConfig,
@@ -129,6 +131,31 @@ def config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """GPTConfig's fields, --family, and the fields of the ladder's families that GPT does not have."""
+    add_config_flags(parser, GPTConfig, "model fields (override the recipe's preset)")
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default=argparse.SUPPRESS,
+        help="model family: gpt (default), or a rung of the ladder: bigram, mlp, wavenet (docs/ladder.md)",
+    )
+    seen = {f.name for f in dataclasses.fields(GPTConfig)}
+    for family, cls in LADDER.items():
+        own = tuple(f.name for f in dataclasses.fields(cls) if f.name not in seen)
+        if own:
+            add_config_flags(parser, cls, f"--family {family} fields", exclude=tuple(seen))
+            seen.update(own)
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The model fields (any family's, and --family) the user set on the command line."""
+    fields = {"family": args.family} if hasattr(args, "family") else {}
+    for cls in (GPTConfig, *LADDER.values()):
+        fields.update(config_overrides(args, cls))
+    return fields
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from gpt2lab.info import describe, presets_table
 
@@ -161,7 +188,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     fields = load_recipe(args.recipe) if args.recipe else {"model": {}}
     fields.update(config_overrides(args, TrainConfig))
-    fields["model"] = {**fields["model"], **config_overrides(args, GPTConfig)}
+    fields["model"] = {**fields["model"], **model_overrides(args)}
     run(TrainConfig(**fields))
 
 
@@ -235,7 +262,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     if args.kind == "loss":
         print(
-            run_loss(args.data, split=args.split, max_tokens=args.max_tokens, seq_len=args.seq_len, **common)
+            run_loss(
+                args.data,
+                split=args.split,
+                max_tokens=args.max_tokens,
+                seq_len=args.seq_len,
+                windows=args.windows,
+                per_document=args.per_document,
+                per_token=args.per_token,
+                **common,
+            )
         )
     else:
         print(run_hellaswag(data=args.data, limit=args.limit, progress=not args.quiet, **common))
@@ -341,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume the latest checkpoint in --out-dir, or the checkpoint CKPT",
     )
     add_config_flags(p, TrainConfig, "training settings", exclude=("model", "resume"))
-    add_config_flags(p, GPTConfig, "model fields (override the recipe's preset)")
+    add_model_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -460,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="loss / perplexity / bits per byte of a split; HellaSwag accuracy",
         description="Results are printed as a table and written as JSON: to --json, else next to the "
-        "checkpoint as eval_loss.json / eval_hellaswag.json (--pretrained without --json: printed only).",
+        "checkpoint as eval_loss_DATA_SPLIT.json (named by the data folder and split) / "
+        "eval_hellaswag.json (--pretrained without --json: printed only).",
     )
     esub = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, help_ in (
@@ -482,6 +519,22 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--max-tokens", type=int, default=None, help="predict only the first N tokens")
             e.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
             e.add_argument("--seq-len", type=int, default=None, help="window length (default: the context)")
+            e.add_argument(
+                "--windows",
+                choices=["stream", "document"],
+                default=None,
+                help="rows across documents (stream) or inside one (document); default: as the checkpoint "
+                "was trained, else stream",
+            )
+            e.add_argument(
+                "--per-document",
+                default=None,
+                metavar="OUT.jsonl",
+                help="also write each document's loss and text, one JSON line per document",
+            )
+            e.add_argument(
+                "--per-token", action="store_true", help="with --per-document: every token's loss too"
+            )
         else:
             e.add_argument(
                 "--data",

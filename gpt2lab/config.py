@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from gpt2lab.errors import UserError, quote
 
@@ -30,6 +30,14 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def is_count(v: Any) -> bool:
@@ -167,7 +175,7 @@ class GPTConfig:
 
 
 # Sizes no GPT-2-family model comes near (GPT-3 175B: 96 layers, 12288 wide, context 2048), as bounds
-# a config must stay within; memory is checked too, when a model is built (checkpoint.build_model).
+# a config must stay within; memory is checked too, when a model is built (ladder.build_model).
 LIMITS = {
     "block_size": 1 << 20,
     "vocab_size": 1 << 31,  # shards hold uint32 token ids
@@ -207,6 +215,135 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# --- the model ladder (ladder.py): the families below GPT, each with its own config -------------------
+# A checkpoint's config.json records the family in its "model" dict; absent means "gpt", so every GPT
+# checkpoint written before the ladder existed still reads as one.
+
+
+class LadderConfig:
+    """What the ladder's configs share: a family name, from_dict / to_dict, positive-integer checks."""
+
+    family: ClassVar[str]
+    vocab_size: int
+    block_size: int
+
+    def check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
+
+    def default_eot(self) -> None:
+        """eot_id None -> the last id (where char and byte vocabularies keep <|endoftext|>); then check it."""
+        if self.eot_id is None:
+            self.eot_id = self.vocab_size - 1
+        if not isinstance(self.eot_id, int) or not 0 <= self.eot_id < self.vocab_size:
+            raise UserError(f"{type(self).__name__}.eot_id must be in [0, vocab_size), got {self.eot_id!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        known = [f.name for f in fields(cls)]
+        for key in d:
+            if key not in known:
+                raise UserError(f"unknown {cls.__name__} field {key!r}{closest(key, known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+
+@dataclass
+class BigramConfig(LadderConfig):
+    """The bigram (makemore part 1): the next token's logits are one row of a (V, V) matrix, W[token].
+
+    fit "counts": W = log((N + smoothing) / row sums), N the train split's bigram counts, gathered in
+    one pass without a gradient. fit "gradient": W trains like any network (the neural bigram), from
+    zeros (uniform), and converges to the counting model.
+    """
+
+    family: ClassVar[str] = "bigram"
+    vocab_size: int = 27
+    block_size: int = 16  # the window the loader and the sampler use; each prediction sees one token
+    fit: Literal["counts", "gradient"] = "gradient"
+    smoothing: float = 1.0  # add-k for fit "counts": the lecture's N + 1
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.check_positive("vocab_size", "block_size")
+        if self.fit not in ("counts", "gradient"):
+            raise UserError(f"BigramConfig.fit must be 'counts' or 'gradient', got {self.fit!r}")
+        k = self.smoothing
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not k >= 0:
+            raise UserError(f"BigramConfig.smoothing must be a number >= 0, got {self.smoothing!r}")
+
+
+@dataclass
+class MLPConfig(LadderConfig):
+    """Bengio et al. 2003 as makemore part 2 builds it: the embeddings of the last `context` tokens,
+    concatenated, one tanh hidden layer, then the logits. Defaults: the lecture's 3 x 10 -> 200."""
+
+    family: ClassVar[str] = "mlp"
+    vocab_size: int = 27
+    block_size: int = 16  # the window; each position sees the last `context` tokens of it
+    context: int = 3
+    n_embd: int = 10
+    n_hidden: int = 200
+    eot_id: int | None = None  # positions before a window's start read as this token (default: the last id)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.check_positive("vocab_size", "block_size", "context", "n_embd", "n_hidden")
+        self.default_eot()
+
+
+@dataclass
+class WaveNetConfig(LadderConfig):
+    """The hierarchical MLP of makemore part 5 (after van den Oord et al. 2016): the last 2 ** n_layer
+    tokens fused in pairs, layer by layer. Defaults: the lecture's 76,579-parameter net (8 tokens)."""
+
+    family: ClassVar[str] = "wavenet"
+    vocab_size: int = 27
+    block_size: int = 16
+    n_layer: int = 3  # context = 2 ** n_layer tokens
+    n_embd: int = 24
+    n_hidden: int = 128
+    eot_id: int | None = None  # positions before a window's start read as this token (default: the last id)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.check_positive("vocab_size", "block_size", "n_layer", "n_embd", "n_hidden")
+        self.default_eot()
+
+    @property
+    def context(self) -> int:
+        return 2**self.n_layer
+
+
+LADDER = {c.family: c for c in (BigramConfig, MLPConfig, WaveNetConfig)}
+FAMILIES = ["gpt", *LADDER]  # the rungs, lowest last: gpt, bigram, mlp, wavenet
+ModelConfig = GPTConfig | BigramConfig | MLPConfig | WaveNetConfig
+
+
+def family_config_class(family: Any) -> type:
+    """The config dataclass of a family name ("gpt" -> GPTConfig)."""
+    if family == "gpt":
+        return GPTConfig
+    if family not in LADDER:
+        raise UserError(f"unknown model family {family!r}{closest(str(family), FAMILIES)}; known: {FAMILIES}")
+    return LADDER[family]
+
+
+def model_config_from_dict(d: dict[str, Any], preset: str | None = None) -> ModelConfig:
+    """The architecture a "model" dict describes (a recipe's [model], config.json's "model"): its
+    "family" (absent: "gpt") and that family's fields. A GPT starts from `preset` when one is given;
+    presets are GPT-2 shapes, so the other families ignore it."""
+    fields_ = dict(d)
+    cls = family_config_class(fields_.pop("family", "gpt"))
+    if cls is GPTConfig and preset is not None:
+        return GPTConfig.preset(preset, **fields_)
+    return cls.from_dict(fields_)
+
+
 def pad_vocab_size(vocab_size: int, multiple: int = 64) -> int:
     """Round vocab_size up to a multiple (50257 -> 50304): matmuls with such shapes run faster on GPUs."""
     return -(-vocab_size // multiple) * multiple
@@ -220,7 +357,7 @@ class PrepareConfig:
     out: str = ""  # output directory
     tokenizer: str = "gpt2"  # gpt2, char, bytes, or a tokenizer directory
     gpt2_vocab: str | None = None  # directory with GPT-2's encoder.json + vocab.bpe (else the cache)
-    separator: str | None = None  # split .txt files into documents at this text ("eot", "blank-line")
+    separator: str | None = None  # split .txt files into documents at this text ("eot", "blank-line", "line")
     text_field: str = "text"  # field of .jsonl records / column of .parquet files
     val_fraction: float | None = None  # val = the last fraction of the text (default 0.1)
     val_docs: int | None = None  # val = the first N documents (instead of val_fraction)
@@ -228,12 +365,16 @@ class PrepareConfig:
     max_tokens: int | None = None  # stop the train split after this many tokens
     workers: int = 1  # tokenizer processes
     name: str | None = None  # shard file prefix (default: the source's name)
+    split: str | None = None  # "TRAIN/VAL[/TEST]" % of whole documents, shuffled (--separator line: 80/10/10)
+    split_seed: int = 42  # the shuffle of --split: random.Random(42), the makemore lectures' random.seed(42)
     revision: str | None = None  # Hugging Face commit of a named dataset (default: the pinned one)
 
     def __post_init__(self) -> None:
         check_fields(self)
         if self.val_fraction is not None and self.val_docs is not None:
             raise UserError("give --val-fraction or --val-docs, not both")
+        if self.split is not None and (self.val_fraction is not None or self.val_docs is not None):
+            raise UserError("give --split or --val-fraction / --val-docs, not both")
         if self.val_fraction is not None and not 0 < self.val_fraction < 1:
             raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         for name in ("val_docs", "max_tokens"):
@@ -246,12 +387,31 @@ class PrepareConfig:
             )
         if self.workers > usable_cpus():  # each worker is a process holding a tokenizer: more only contend
             raise UserError(f"workers {self.workers} exceeds the {usable_cpus()} CPUs this process may use")
-        aliases = {"eot": "<|endoftext|>", "blank-line": "\n\n"}
+        aliases = {"eot": "<|endoftext|>", "blank-line": "\n\n", "line": "\n"}
         if self.separator is not None:
             sep = aliases.get(self.separator, self.separator)
             self.separator = sep.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
             if not self.separator:
                 raise UserError("separator must not be empty")
+        if self.separator == "\n" and self.split is None and self.val_fraction is self.val_docs is None:
+            self.split = "80/10/10"  # one document a line (names.txt): the makemore lectures' split
+        if self.split is not None:
+            self.split_fractions()  # fails early on a malformed --split
+
+    def split_fractions(self) -> tuple[float, float]:
+        """The cumulative fractions (end of train, end of val) of the shuffled documents: "80/10/10" ->
+        (0.8, 0.9); the rest is test. Computed as the lectures do: n1 = int(0.8 * n), n2 = int(0.9 * n)."""
+        parts = str(self.split).split("/")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(parts) not in (2, 3) or len(numbers) != len(parts) or min(numbers, default=-1) < 0:
+            raise UserError(f"--split must be TRAIN/VAL[/TEST] percentages like 80/10/10, got {self.split!r}")
+        if numbers[0] <= 0 or numbers[1] <= 0:
+            raise UserError(f"--split {self.split!r}: train and val must both be > 0")
+        total = sum(numbers)
+        return numbers[0] / total, (numbers[0] + numbers[1]) / total
 
 
 @dataclass
@@ -291,6 +451,10 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
     loader_mode: Literal["random", "sequential"] = "random"
+    # "stream": windows of consecutive tokens anywhere in the split, across documents (GPT-2's way);
+    # "document": each row holds one document (a long one cut into rows), padded: a token sees only its
+    # own document, as the makemore lectures build their examples (see docs/ladder.md).
+    windows: Literal["stream", "document"] = "stream"
     pad_vocab_multiple: int = 64  # the model's vocab_size = data vocab rounded up to this (1: no padding)
     eval_interval: int = 250  # steps between val-loss evaluations (0: only at the end)
     eval_tokens: int = 204_800  # val tokens per evaluation (0: the whole split)
@@ -362,12 +526,21 @@ class TrainConfig:
             ("method", ("full", "lora")),
             ("lr_schedule", ("cosine", "constant", "wsd")),
             ("loader_mode", ("random", "sequential")),
+            ("windows", ("stream", "document")),
             ("on_nonfinite", ("stop", "skip")),
             ("dtype", ("auto", "float32", "bfloat16", "float16")),
         ):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        GPTConfig.preset(self.preset, **self.model)  # fails early, naming a bad preset or model field
+        model = model_config_from_dict(self.model, self.preset)  # fails early on a bad preset or field
+        if not isinstance(model, GPTConfig):
+            if self.method == "lora" or self.fsdp:
+                raise UserError(f"--method lora and --fsdp need a GPT; this model is family {model.family!r}")
+            if getattr(model, "fit", None) == "counts" and self.max_steps != 1:
+                raise UserError(
+                    "the counting bigram is fitted in one step (one pass of counts over the train split, "
+                    f"no gradient): max_steps must be 1, got {self.max_steps}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -400,7 +573,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     for key in train:
         if key not in known_train:
             raise UserError(f"recipe {path}: unknown [train] key {key!r}{closest(key, known_train)}")
-    known_model = [f.name for f in fields(GPTConfig)]
+    known_model = ["family", *(f.name for f in fields(family_config_class(model.get("family", "gpt"))))]
     for key in model:
         if key not in known_model:
             raise UserError(f"recipe {path}: unknown [model] key {key!r}{closest(key, known_model)}")

@@ -20,6 +20,11 @@ Shards are not trusted: given the model's vocab_size, the loader checks the larg
 records for each shard when it opens them, and the ids of every batch it reads (an id beyond the
 vocabulary would otherwise crash training at a random step, or assert on the GPU).
 
+windows="document" (documents.py): instead of windows anywhere, rows that each stay inside one
+document, right-padded (targets IGNORE_INDEX); random mode draws B rows uniformly (so every target
+is equally likely, as the makemore lectures' minibatches of examples), sequential mode visits every
+row once per epoch, with the same streams as above.
+
 ShardData is the data source `train` uses for shards (sft.SFTData the one for .jsonl examples): the
 loader, the validation loss, the tokenizer and a description, behind one interface.
 """
@@ -32,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from gpt2lab.documents import LAYOUTS, TokenStream, read_rows, rows
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate import evaluate_loss
 from gpt2lab.shards import check_ids, check_vocab, read_manifest, read_shard
@@ -54,12 +60,15 @@ class ShardLoader:
         device: str | torch.device = "cpu",
         grad_accum: int = 1,
         vocab_size: int | None = None,
+        windows: str = "stream",
     ):
         if mode not in ("random", "sequential"):
             raise UserError(f"loader mode must be 'random' or 'sequential', got {mode!r}")
+        if windows not in LAYOUTS:
+            raise UserError(f"loader windows must be one of {LAYOUTS}, got {windows!r}")
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is not in [0, world_size {world_size})")
-        self.manifest = read_manifest(data_dir)
+        self.manifest, self.data_dir, self.split_name = read_manifest(data_dir), Path(data_dir), split
         splits = self.manifest["splits"]
         if split not in splits:
             raise UserError(f"{data_dir} has no {split!r} split; it has {sorted(splits)}")
@@ -74,7 +83,14 @@ class ShardLoader:
         usable = [i for i, s in enumerate(shards) if len(s) >= seq_len + 1]  # shorter than a window: unused
         self.shards, self.paths = [shards[i] for i in usable], [paths[i] for i in usable]
         self.n_tokens = sum(len(s) for s in shards)
-        if mode == "random":
+        self.layout = windows
+        if windows == "document":  # rows of the split read as one stream (documents may cross shards)
+            self.stream = TokenStream(shards)
+            self.rows = rows(self.stream, seq_len, "document", self.manifest["eot_id"])
+            self.n_windows = len(self.rows)
+            if not self.n_windows:
+                raise UserError(f"the {split} split has no document with a token to predict")
+        elif mode == "random":
             if not self.shards:
                 raise UserError(
                     f"the {split} split ({self.n_tokens} tokens) is too small for one window of "
@@ -86,6 +102,7 @@ class ShardLoader:
             counts = [(len(s) - 1) // seq_len for s in self.shards]
             self.window_starts = np.cumsum([0, *counts])  # window w lives in shard searchsorted(w)
             self.n_windows = int(self.window_starts[-1])
+        if mode == "sequential":
             if self.n_windows < batch_size * self.streams:
                 raise UserError(
                     f"the {split} split has {self.n_windows} windows of {seq_len + 1} tokens, fewer than one "
@@ -94,12 +111,14 @@ class ShardLoader:
             self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
         self.step, self.micro = 0, 0
 
-    def _random_windows(self, step: int, stream: int) -> list[tuple[int, int]]:
+    def _random_windows(self, step: int, stream: int) -> list[Any]:
         rng = np.random.default_rng([self.seed, stream, step])
+        if self.layout == "document":
+            return rng.integers(0, len(self.rows), size=self.B).tolist()
         shard_ids = rng.choice(len(self.shards), size=self.B, p=self.shard_p)
         return [(int(s), int(rng.integers(0, len(self.shards[s]) - self.T))) for s in shard_ids]
 
-    def _sequential_windows(self, step: int, stream: int) -> list[tuple[int, int]]:
+    def _sequential_windows(self, step: int, stream: int) -> list[Any]:
         first = (step * self.streams + stream) * self.B  # position in the endless stream of epochs
         windows = []
         for p in range(first, first + self.B):
@@ -108,12 +127,16 @@ class ShardLoader:
                 self._epoch = epoch
                 self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
             w = int(self._perm[i])
+            if self.layout == "document":
+                windows.append(w)
+                continue
             shard = int(np.searchsorted(self.window_starts, w, side="right")) - 1
             windows.append((shard, (w - int(self.window_starts[shard])) * self.T))
         return windows
 
-    def windows(self, step: int, micro: int = 0) -> list[tuple[int, int]]:
-        """(shard index, start offset) of the B windows this rank reads at (step, micro-batch)."""
+    def windows(self, step: int, micro: int = 0) -> list[Any]:
+        """(shard index, start offset) of the B windows this rank reads at (step, micro-batch); with
+        windows="document", the indices of its B rows in self.rows."""
         stream = micro * self.world_size + self.rank
         if self.mode == "random":
             return self._random_windows(step, stream)
@@ -122,15 +145,26 @@ class ShardLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch; after grad_accum of them the loader is at the next step."""
         windows = self.windows(self.step, self.micro)
-        buf = np.stack([self.shards[s][o : o + self.T + 1] for s, o in windows])  # (B, T+1)
-        if self.vocab_size is not None and int(buf.max()) >= self.vocab_size:
-            row = int(np.argmax((buf >= self.vocab_size).any(axis=1)))
-            shard, offset = windows[row]
-            check_ids(buf[row], self.vocab_size, f"{self.paths[shard]} (tokens {offset}..{offset + self.T})")
         self.step, self.micro = divmod(self.step * self.grad_accum + self.micro + 1, self.grad_accum)
-        batch = torch.from_numpy(buf.astype(np.int64))
+        if self.layout == "document":
+            batch = torch.stack(read_rows(self.stream, self.rows[windows], self.T), dim=1)  # (B, 2, T)
+            if self.vocab_size is not None and int(batch.max()) >= self.vocab_size:  # (padding is < 0)
+                row = int((batch >= self.vocab_size).flatten(1).any(1).int().argmax())
+                offset, n = (int(v) for v in self.rows[windows][row])
+                where = f"{self.split_name} split of {self.data_dir} (tokens {offset}..{offset + n})"
+                check_ids(batch[row].flatten().numpy(), self.vocab_size, where)
+        else:
+            buf = np.stack([self.shards[s][o : o + self.T + 1] for s, o in windows])  # (B, T+1)
+            if self.vocab_size is not None and int(buf.max()) >= self.vocab_size:
+                row = int(np.argmax((buf >= self.vocab_size).any(axis=1)))
+                shard, offset = windows[row]
+                where = f"{self.paths[shard]} (tokens {offset}..{offset + self.T})"
+                check_ids(buf[row], self.vocab_size, where)
+            batch = torch.from_numpy(buf.astype(np.int64))
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
             batch = batch.pin_memory().to(self.device, non_blocking=True)
+        if self.layout == "document":
+            return batch[:, 0], batch[:, 1]  # x (B, T), y (B, T) with IGNORE_INDEX padding
         return batch[:, :-1], batch[:, 1:]  # x (B, T), y (B, T)
 
     def __iter__(self):
@@ -140,6 +174,8 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """The position (step, micro) and what defines the stream of global batches."""
         stream = {"mode": self.mode, "seed": self.seed, "batch_size": self.B, "seq_len": self.T}
+        if self.layout != "stream":  # absent in stream mode, as in states saved before it existed
+            stream["windows"] = self.layout
         return {"step": self.step, "micro": self.micro, "streams": self.streams, **stream}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -150,9 +186,11 @@ class ShardLoader:
         2 processes resumes on 1 accumulating 2 micro-batches (or the reverse) and reads the same data.
         """
         mine = self.state_dict()
-        for key in ("mode", "seed", "batch_size", "seq_len", "streams"):
-            if state.get(key) != mine[key]:
-                raise UserError(f"loader state has {key} {state.get(key)!r}, this loader has {mine[key]!r}")
+        for key in ("mode", "seed", "batch_size", "seq_len", "streams", "windows"):
+            if state.get(key) != mine.get(key):
+                raise UserError(
+                    f"loader state has {key} {state.get(key)!r}, this loader has {mine.get(key)!r}"
+                )
         self.step, self.micro = int(state["step"]), int(state["micro"])
 
     @property
@@ -170,10 +208,10 @@ class ShardData:
     padded = False  # rows are whole windows of seq_len tokens (SFT rows are padded examples)
     template_tokens: dict[str, int] = {}  # fine-tuning's chat-template tokens: none here
 
-    def __init__(self, data_dir: str | Path):
-        self.dir = Path(data_dir)
+    def __init__(self, data_dir: str | Path, windows: str = "stream"):
+        self.dir, self.windows = Path(data_dir), windows
         self.manifest = read_manifest(data_dir)
-        self.vocab_size = self.manifest["vocab_size"]
+        self.vocab_size, self.eot_id = self.manifest["vocab_size"], self.manifest.get("eot_id")
         self.tokenizer_spec = self.manifest.get("tokenizer")
         self.has_val = "val" in self.manifest["splits"]
         self.model_vocab: int | None = None
@@ -197,13 +235,15 @@ class ShardData:
     ) -> ShardLoader:  # fmt: skip
         """The training batches of this process (after fit: their ids checked against the model's vocab)."""
         args = (self.dir, "train", batch_size, seq_len, rank, world_size, mode, seed, device, grad_accum)
-        return ShardLoader(*args, vocab_size=self.model_vocab)
+        return ShardLoader(*args, vocab_size=self.model_vocab, windows=self.windows)
 
     def evaluate(
         self, model: Any, batch_size: int, seq_len: int, max_tokens: int | None, device: Any, autocast: Any
     ) -> dict[str, float]:
         """Loss and perplexity over the val split (its first max_tokens; None: all of it)."""
-        return evaluate_loss(model, self.dir, "val", batch_size, seq_len, max_tokens, device, autocast)
+        return evaluate_loss(
+            model, self.dir, "val", batch_size, seq_len, max_tokens, device, autocast, windows=self.windows
+        )
 
     def tokenizer(self) -> Any:
         """The data's tokenizer (for HellaSwag and samples), built on first use."""

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import distributed
+from gpt2lab.documents import LAYOUTS, Layout, TokenStream, read_rows, rows
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, IGNORE_INDEX
 from gpt2lab.progress import Progress
@@ -98,24 +99,6 @@ def bytes_per_token(tok: Any) -> np.ndarray:
     return table
 
 
-class _TokenStream:
-    """The shards of a split read as one stream of tokens (documents run across shard boundaries)."""
-
-    def __init__(self, shards: list[np.ndarray]):
-        self.shards = [s for s in shards if len(s)]
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
-        self.n = int(self.starts[-1])
-
-    def read(self, a: int, b: int) -> np.ndarray:
-        """tokens [a, b) as int64."""
-        parts = []
-        for k, s in enumerate(self.shards):
-            lo, hi = max(a, int(self.starts[k])), min(b, int(self.starts[k + 1]))
-            if lo < hi:
-                parts.append(np.asarray(s[lo - self.starts[k] : hi - self.starts[k]], dtype=np.int64))
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
 def evaluate_loss(
     model: GPT,
     data_dir: str | Path,
@@ -126,19 +109,24 @@ def evaluate_loss(
     device: str | torch.device = "cpu",
     autocast: contextlib.AbstractContextManager | None = None,
     vocab_dir: str | Path | None = None,
-) -> dict[str, float]:
+    windows: Layout = "stream",
+    token_nats: bool = False,
+) -> dict[str, Any]:
     """Mean next-token loss over a split: {"loss", "perplexity", "bits_per_byte", "tokens"}.
 
-    The split's tokens are cut into consecutive windows of seq_len + 1 tokens that overlap by one, so
-    every token but the first is predicted exactly once, from the tokens before it in its window
-    (seq_len defaults to the model's context). max_tokens caps the predicted tokens. Under DDP rank r
-    takes windows r, r + W, ...; sums of nats, tokens and bytes are all-reduced.
+    Every token but the first is predicted exactly once, in rows of at most seq_len targets (default:
+    the model's context) laid out as `windows` says (documents.py): "stream", consecutive windows that
+    overlap by one token, across documents; or "document", rows that stay inside one document.
+    max_tokens caps the predicted tokens. Under DDP rank r takes rows r, r + W, ...; sums of nats,
+    tokens and bytes are all-reduced.
 
     bits_per_byte = total nats / ln 2 / UTF-8 bytes of the predicted tokens, with the bytes counted
     per token id from the manifest's tokenizer (decode_bytes of that id; EOT counts 0), so models
     with different tokenizers are compared on the same text.
+    token_nats: also return "token_nats", a (tokens,) float64 array: the loss of the token at
+    position p of the split at index p - 1 (for --per-document).
     """
-    from gpt2lab.shards import check_ids, check_vocab, read_manifest, read_shard
+    from gpt2lab.shards import check_ids, check_vocab, read_manifest
 
     manifest = read_manifest(data_dir)
     splits = manifest["splits"]
@@ -152,7 +140,9 @@ def evaluate_loss(
         raise UserError(f"batch_size must be positive, got {batch_size}")
     if max_tokens is not None and max_tokens <= 0:
         raise UserError(f"max_tokens must be positive, got {max_tokens}")
-    stream = _TokenStream([read_shard(Path(data_dir) / name) for name in splits[split]["shards"]])
+    if windows not in LAYOUTS:
+        raise UserError(f"windows must be one of {LAYOUTS}, got {windows!r}")
+    stream = TokenStream.of_split(data_dir, manifest, split)
     n_targets = max(stream.n - 1, 0) if max_tokens is None else min(max_tokens, max(stream.n - 1, 0))
     if n_targets == 0:
         raise UserError(f"the {split} split of {data_dir} has {stream.n} token(s): nothing to predict")
@@ -163,37 +153,48 @@ def evaluate_loss(
 
     device = torch.device(device)
     rank, world = distributed.rank_world()
-    windows = list(range(rank, -(-n_targets // T), world))  # window w predicts tokens w*T+1 .. w*T+T
+    mine = rows(stream, T, windows, manifest["eot_id"], n_targets)[rank::world]
     nats = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
+    per_token = torch.zeros(n_targets, dtype=torch.float64) if token_nats else None
     tokens = n_bytes = 0
     with _eval_mode(model):
-        for b in range(0, len(windows), batch_size):
-            rows = windows[b : b + batch_size]
-            x = torch.zeros(len(rows), T, dtype=torch.long)
-            y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-            for i, w in enumerate(rows):
-                a = w * T
-                ids = stream.read(a, min(a + T, n_targets) + 1)  # inputs + 1
-                check_ids(ids, model.config.vocab_size, f"{data_dir} {split} split, tokens {a}..")
-                chunk = torch.from_numpy(ids)
-                n = len(chunk) - 1
-                x[i, :n], y[i, :n] = chunk[:-1], chunk[1:]
-            count = int((y != IGNORE_INDEX).sum())
+        for b in range(0, len(mine), batch_size):
+            batch = mine[b : b + batch_size]
+            x, y = read_rows(stream, batch, T)
+            ids = torch.cat([x, y], dim=1)  # (x is 0 and y IGNORE_INDEX where padded)
+            if int(ids.max()) >= model.config.vocab_size:  # a corrupt or foreign shard
+                a = int(batch[int((ids >= model.config.vocab_size).any(1).int().argmax()), 0])
+                where = f"{data_dir} {split} split, tokens {a}.."
+                check_ids(ids.flatten().numpy(), model.config.vocab_size, where)
             with autocast or contextlib.nullcontext():
-                loss = model(x.to(device), y.to(device))
-            nats += loss.detach().double() * count
-            tokens += count
+                logits = model(x.to(device))  # (B, T, V)
+            # Cross-entropy in fp32 (as the models' own losses); 0 at IGNORE_INDEX padding.
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)),
+                y.view(-1).to(device),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            ).view(y.shape)
+            nats += loss.sum(dtype=torch.float64)
+            if per_token is not None:
+                loss = loss.double().cpu()
+                for i, (a, n) in enumerate(batch.tolist()):
+                    per_token[a : a + n] = loss[i, :n]  # targets a + 1 .. a + n
+            tokens += int((y != IGNORE_INDEX).sum())
             n_bytes += int(byte_table[y[y != IGNORE_INDEX]].sum())
     # float64: token and byte counts stay exact in the sum over ranks
     sums = torch.tensor([float(nats), tokens, n_bytes], dtype=torch.float64, device=device)
     nats, tokens, n_bytes = distributed.all_reduce_sum(sums).tolist()
     loss = nats / tokens
-    return {
+    result: dict[str, Any] = {
         "loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_byte": nats / math.log(2) / n_bytes if n_bytes else float("nan"),
         "tokens": int(tokens),
     }
+    if per_token is not None:  # each rank filled its own rows; the others are 0
+        result["token_nats"] = distributed.all_reduce_sum(per_token.to(device)).cpu().numpy()
+    return result
 
 
 def evaluate_batches(
@@ -480,6 +481,58 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def write_document_losses(
+    path: str | Path,
+    data_dir: str | Path,
+    split: str,
+    token_nats: np.ndarray,
+    per_token: bool = False,
+    vocab_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """--per-document: one JSON line per document of the split, {"document", "tokens", "loss", "text"},
+    and with per_token its "token_texts" and "token_losses" (nats). A document's tokens are the targets
+    it owns (documents.py): its own tokens and the EOT that ends it; "text" leaves the EOT out. Written
+    atomically. Returns {"documents", "hardest": the record of the highest mean loss, without token lists}.
+    """
+    from gpt2lab.atomic import atomic_write
+    from gpt2lab.documents import document_spans
+    from gpt2lab.shards import read_manifest
+    from gpt2lab.tokenizer import get_tokenizer
+
+    manifest = read_manifest(data_dir)
+    tok = get_tokenizer(manifest["tokenizer"], vocab_dir=vocab_dir)
+    eot = manifest["eot_id"]
+    stream = TokenStream.of_split(data_dir, manifest, split)
+    first, last = document_spans(stream, eot)
+    summary: dict[str, Any] = {"documents": 0, "hardest": None}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for d, (a, b) in enumerate(zip(first.tolist(), last.tolist(), strict=True)):
+                b = min(b, len(token_nats))  # --max-tokens: the scored targets of the document
+                if a > b:
+                    break
+                ids = stream.read(a, b + 1).tolist()
+                nats = token_nats[a - 1 : b]
+                record = {
+                    "document": d,
+                    "tokens": len(ids),
+                    "loss": float(nats.mean()),
+                    "text": tok.decode([i for i in ids if i != eot]),
+                }
+                if summary["hardest"] is None or record["loss"] > summary["hardest"]["loss"]:
+                    summary["hardest"] = record
+                if per_token:
+                    record["token_texts"] = [tok.decode([i]) for i in ids]
+                    record["token_losses"] = [round(float(v), 6) for v in nats]
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                summary["documents"] += 1
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+    return summary
+
+
 def run_loss(
     data: str | Path,
     ckpt: str | Path | None = None,
@@ -491,8 +544,16 @@ def run_loss(
     gpt2_vocab: str | Path | None = None,
     json_out: str | Path | None = None,
     device: str | None = None,
+    windows: Layout | None = None,
+    per_document: str | Path | None = None,
+    per_token: bool = False,
 ) -> str:
-    """`gpt2lab eval loss`: the table to print; the JSON goes to json_out, else next to the checkpoint."""
+    """`gpt2lab eval loss`: the table to print; the JSON goes to json_out, else next to the checkpoint.
+
+    windows: default as the checkpoint was trained (its train config), else "stream". per_document: also
+    write every document's loss (and with per_token, every token's) to this .jsonl.
+    """
+    from gpt2lab.checkpoint import read_config
     from gpt2lab.interop import load_any
     from gpt2lab.shards import read_manifest
     from gpt2lab.tokenizer import check_same_tokenizer
@@ -502,21 +563,46 @@ def run_loss(
     model, spec = load_any(ckpt, pretrained, device)
     if manifest["vocab_size"] <= model.config.vocab_size:  # else evaluate_loss says what is wrong
         check_same_tokenizer(manifest.get("tokenizer"), spec, str(data), str(ckpt or pretrained))
+    if windows is None:
+        windows = read_config(ckpt).get("train", {}).get("windows", "stream") if ckpt else "stream"
+    if per_token and per_document is None:
+        raise UserError("--per-token adds each token's loss to the --per-document OUT.jsonl: give it too")
     result = evaluate_loss(
-        model, data, split, batch_size, seq_len, max_tokens, device=device, vocab_dir=gpt2_vocab
+        model,
+        data,
+        split,
+        batch_size,
+        seq_len,
+        max_tokens,
+        device=device,
+        vocab_dir=gpt2_vocab,
+        windows=windows,
+        token_nats=per_document is not None,
     )
-    result = {**result, "split": split, "data": str(data), "model": str(ckpt or pretrained)}
+    token_nats = result.pop("token_nats", None)
+    result = {
+        **result,
+        "split": split,
+        "data": str(data),
+        "model": str(ckpt or pretrained),
+        "windows": windows,
+    }
+    table_rows = [
+        ("loss", f"{result['loss']:.4f}"),
+        ("perplexity", f"{result['perplexity']:.2f}"),
+        ("bits per byte", f"{result['bits_per_byte']:.4f}"),
+        ("tokens", str(result["tokens"])),
+    ]
+    if per_document is not None:
+        docs = write_document_losses(per_document, data, split, token_nats, per_token, gpt2_vocab)
+        result["per_document"] = str(per_document)
+        hardest = docs["hardest"]
+        table_rows.append(("documents", f"{docs['documents']} (losses in {per_document})"))
+        if hardest is not None:
+            table_rows.append(("hardest document", f"{hardest['text'][:40]!r} (loss {hardest['loss']:.3f})"))
     # Named by the data: scoring another data set never replaces this one's result.
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(data).resolve().name) or "data"
-    table = _table(
-        [
-            ("loss", f"{result['loss']:.4f}"),
-            ("perplexity", f"{result['perplexity']:.2f}"),
-            ("bits per byte", f"{result['bits_per_byte']:.4f}"),
-            ("tokens", str(result["tokens"])),
-        ]
-    )
-    return table + _write_result(result, json_out, ckpt, f"loss_{name}_{split}")
+    return _table(table_rows) + _write_result(result, json_out, ckpt, f"loss_{name}_{split}")
 
 
 def run_hellaswag(

@@ -54,6 +54,8 @@ def add_template_tokens(
     row starts at the mean of the real tokens' rows (Hewitt 2021: an average word, not noise, so
     its logit starts near the others' instead of dominating or vanishing).
     """
+    if not isinstance(model, GPT):  # a family of the model ladder (ladder.py): no wte / lm_head to grow
+        raise UserError(f"fine-tuning on chat examples needs a GPT; this is a {model.config.family!r} model")
     missing = [t for t in TEMPLATE_TOKENS if t not in tok.special_tokens]
     for t in TEMPLATE_TOKENS:
         if t in tok.special_tokens and tok.special_tokens[t] >= model.config.vocab_size:

@@ -17,10 +17,11 @@ that the data fits a model's vocabulary; the loaders also check the ids of every
 from __future__ import annotations
 
 import multiprocessing
+import random
 import struct
 import time
 from collections.abc import Iterator
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,8 @@ def split_streams(corpus: Corpus, cfg: PrepareConfig) -> dict[str, Any]:
             raise UserError(f"{corpus.name} has its own validation split; drop --val-docs / --val-fraction")
         return {"splits": dict(corpus.splits), "val": "the dataset's own validation split"}
     stream = corpus.splits["all"]
+    if cfg.split is not None:
+        return _document_split(stream, cfg)
     policy = {"val_fraction": cfg.val_fraction, "val_docs": cfg.val_docs}
     if policy == {"val_fraction": None, "val_docs": None}:
         policy = {"val_fraction": None, "val_docs": None, **corpus.default_val}
@@ -197,6 +200,33 @@ def split_streams(corpus: Corpus, cfg: PrepareConfig) -> dict[str, Any]:
         "splits": {"train": lambda: part(False), "val": lambda: part(True)},
         "val": f"the last {frac:g} of the text by characters",
     }
+
+
+def _document_split(stream: Any, cfg: PrepareConfig) -> dict[str, Any]:
+    """--split: whole documents, shuffled by random.Random(split_seed), cut at int(fraction * n).
+
+    With the defaults (80/10/10, seed 42) on names.txt these are the makemore lectures' exact splits
+    (random.seed(42); random.shuffle(words); n1 = int(0.8 * n); n2 = int(0.9 * n)). The documents are
+    held in memory to be shuffled: this is for corpora of many short documents. Each split is closed
+    with an EOT, so every document's end is a target, the last one's included.
+    """
+    end_train, end_val = cfg.split_fractions()
+    docs: list[str] = []
+
+    def shuffled() -> list[str]:
+        if not docs:
+            docs.extend(stream())
+            random.Random(cfg.split_seed).shuffle(docs)
+        return docs
+
+    def part(lo: float, hi: float) -> Any:
+        return lambda: iter(shuffled()[int(lo * len(shuffled())) : int(hi * len(shuffled()))])
+
+    splits = {"train": part(0.0, end_train), "val": part(end_train, end_val)}
+    if end_val < 1:
+        splits["test"] = part(end_val, 1.0)
+    what = f"{cfg.split} train/val/test of the documents shuffled with seed {cfg.split_seed}"
+    return {"splits": splits, "val": what, "close": True}
 
 
 # --- tokenizing in worker processes ------------------------------------------------------------
@@ -273,6 +303,7 @@ def _settings(cfg: PrepareConfig, corpus: Corpus, tok: Any, val: str) -> dict[st
         "val": val,
         "shard_tokens": cfg.shard_tokens,
         "max_tokens": cfg.max_tokens,
+        **({"split": cfg.split, "split_seed": cfg.split_seed} if cfg.split is not None else {}),
     }
 
 
@@ -321,7 +352,7 @@ def _prepare_locked(
     pool = worker_pool(tok, cfg.workers, cfg.gpt2_vocab)
     try:
         for split, stream in plan["splits"].items():
-            _write_split(cfg, split, stream, state, tok, pool, out / name, log)
+            _write_split(cfg, split, stream, state, tok, pool, out / name, log, plan.get("close", False))
     finally:
         if pool is not None:
             pool.terminate()
@@ -374,11 +405,13 @@ def _write_split(
     pool: Any,
     prefix: Path,
     log: Any,
+    close: bool = False,
 ) -> None:
     """Tokenize one split into shards `<prefix>_<split>_NNNNNN.bin`, saving the state after each shard.
 
     The state says how many of the split's documents are wholly in shards (docs_done) and how many
     tokens of the next one are (skip), so a resumed run re-tokenizes only from that document on.
+    close: end the split with an EOT, written as an empty last document (its tokens are [EOT]).
     """
     st = state["splits"].setdefault(
         split, {"shards": [], "docs_done": 0, "skip": 0, "tokens": 0, "documents": 0, "done": False}
@@ -406,11 +439,12 @@ def _write_split(
     # of replaced byte sequences seen in one pass is the source's.
     ReplacementCounter.count = 0
     base = st["docs_done"]
-    for i, (chars, toks) in enumerate(tokenized(islice(stream(), base, None), tok, pool)):
-        n_docs, n_tokens, n_chars = n_docs + 1, n_tokens + len(toks), n_chars + chars
+    docs = chain(stream(), [""]) if close else stream()
+    for i, (chars, toks) in enumerate(tokenized(islice(docs, base, None), tok, pool)):
+        n_docs, n_tokens, n_chars = n_docs + bool(chars), n_tokens + len(toks), n_chars + chars
         progress.update(n_docs, throughput())
         skip = st["skip"] if i == 0 else 0  # tokens of this document already in the last shard
-        if skip == 0:
+        if skip == 0 and chars:  # documents are never empty: an empty one is the closing EOT
             st["documents"] += 1
         if cap is not None:
             toks = toks[: skip + max(0, cap - st["tokens"] - fill)]

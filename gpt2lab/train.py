@@ -36,13 +36,22 @@ from torch.distributed.checkpoint.state_dict import (
 from gpt2lab import checkpoint as ckpt
 from gpt2lab import distributed, lora
 from gpt2lab.atomic import directory_lock, writing
-from gpt2lab.config import GPTConfig, TrainConfig, pad_vocab_size, usable_cpus
+from gpt2lab.config import (
+    ModelConfig,
+    TrainConfig,
+    family_config_class,
+    model_config_from_dict,
+    pad_vocab_size,
+    usable_cpus,
+)
 from gpt2lab.dataloader import ShardData
+from gpt2lab.documents import split_batches
 from gpt2lab.errors import UserError, WriteError
 from gpt2lab.evaluate import hellaswag, hellaswag_file, load_hellaswag
 from gpt2lab.generate import generate
 from gpt2lab.interop import peft
 from gpt2lab.interop.hf import load_pretrained, pretrained_tokenizer
+from gpt2lab.ladder import build_model
 from gpt2lab.model import GPT
 from gpt2lab.sft import SFTData
 
@@ -89,12 +98,15 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     )
 
 
-def model_config(cfg: TrainConfig, data_vocab: int) -> GPTConfig:
-    """The architecture: preset < recipe/CLI fields; vocab from the data, padded, unless set explicitly."""
+def model_config(cfg: TrainConfig, data_vocab: int, eot_id: int | None = None) -> ModelConfig:
+    """The architecture: its family (cfg.model["family"], default "gpt"), a GPT's preset < recipe/CLI
+    fields; vocab from the data, padded, and the ladder's eot_id from the data, unless set explicitly."""
     fields = dict(cfg.model)
     if "vocab_size" not in fields:
         fields["vocab_size"] = pad_vocab_size(data_vocab, cfg.pad_vocab_multiple)
-    model_cfg = GPTConfig.preset(cfg.preset, **fields)
+    if "eot_id" not in fields and hasattr(family_config_class(fields.get("family", "gpt")), "eot_id"):
+        fields["eot_id"] = eot_id  # the ladder's MLP / WaveNet read EOT before a window's first token
+    model_cfg = model_config_from_dict(fields, cfg.preset)
     if model_cfg.vocab_size < data_vocab:
         raise UserError(
             f"the data's vocabulary ({data_vocab} tokens) does not fit the model's vocab_size "
@@ -117,7 +129,7 @@ def open_data(cfg: TrainConfig, verbose: bool) -> ShardData | SFTData:
     if not cfg.data:
         raise UserError("train needs --data DIR (written by `gpt2lab prepare`) or --data FILE.jsonl")
     if Path(cfg.data).suffix != ".jsonl":
-        return ShardData(cfg.data)
+        return ShardData(cfg.data, cfg.windows)
     if cfg.init_from == "scratch":
         raise UserError("fine-tuning on a .jsonl needs a model to start from: --from CKPT or --pretrained")
     return SFTData(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, cfg.pad_vocab_multiple, verbose)
@@ -289,7 +301,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         # --- model: new, sized by the data's vocabulary, or loaded to start from ----------------------
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         if cfg.init_from == "scratch":
-            raw = ckpt.build_model(model_config(cfg, data.vocab_size), "this run's config")
+            raw = build_model(model_config(cfg, data.vocab_size, data.eot_id), "this run's config")
             model_spec, source = None, None
         else:
             (raw, model_spec), source = load_init(cfg), cfg.init_from
@@ -442,8 +454,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         cleanup.callback(logger.close)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
         peak = cfg.peak_flops or next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+        name = cfg.preset if isinstance(raw, GPT) else f"{model_cfg.family} ({type(raw).__name__})"
         print0(
-            f"model: {cfg.init_from if cfg.init_from != 'scratch' else cfg.preset}, {raw.num_params():,} "
+            f"model: {cfg.init_from if cfg.init_from != 'scratch' else name}, {raw.num_params():,} "
             f"parameters, vocab {model_cfg.vocab_size}; data {data.description}; device {device}"
             f"{' ' + gpu if gpu else ''}, {dist.world_size} process(es), {torch.get_num_threads()} CPU "
             f"thread(s), autocast {amp_dtype or 'off (fp32)'}, compile {cfg.compile}"
@@ -571,6 +584,21 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
             # --- step: grad_accum micro-batches, clip, optimizer ------------------------------------
             t0 = time.perf_counter()
+            if getattr(model_cfg, "fit", None) == "counts":
+                # The counting bigram has no gradient: its one step (max_steps is 1) counts every target of
+                # the train split once and sets its weights to the smoothed log frequencies (ladder.py).
+                n, last_logged = raw.fit_counts(
+                    split_batches(cfg.data, "train", cfg.batch_size, T, cfg.windows)
+                )
+                step, tokens_seen = step + 1, tokens_seen + n
+                step_times.append(time.perf_counter() - t0)
+                logger.log(
+                    {"step": step, "train_loss": last_logged, "elapsed_s": time.perf_counter() - t_start}
+                )
+                print0(
+                    f"step {step:>6}/{cfg.max_steps} | counted {n:,} train targets | loss {last_logged:.4f}"
+                )
+                continue
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr

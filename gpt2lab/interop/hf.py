@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from gpt2lab.atomic import atomic_write, read_json, write_json
-from gpt2lab.checkpoint import build_model, copy_weights, model_tensors, read_pickle
+from gpt2lab.checkpoint import copy_weights, model_tensors, read_pickle
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import UserError
+from gpt2lab.ladder import build_model
 from gpt2lab.model import GPT
 
 HUB_NAMES = {  # OpenAI's four GPT-2 sizes on the Hugging Face hub
