@@ -151,11 +151,11 @@ def static_decode(model: Any, idx: torch.Tensor, cache: StaticKVCache, pad: torc
     cache.decoding = True
     try:
         for block in tr.h:
-            x = block(x, mask[:, None, None, :], cache)  # mask (B, 1, 1, S)
+            x = block(x, mask[:, None, None, :], cache, pos)  # mask (B, 1, 1, S)
     finally:
         cache.decoding = False
     cache.slot += 1
-    return model.lm_head(tr.ln_f(x))[:, -1]  # (B, V)
+    return model.logits(x)[:, -1]  # (B, V)
 
 
 def _static_decoder(

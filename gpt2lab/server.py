@@ -94,8 +94,8 @@ def decode_rows(model: Any, idx: torch.Tensor, cache: RowCache, lengths: torch.T
     mask = torch.arange(cache._span, device=idx.device)[None, :] <= pos  # (n, span)
     x = model.embed(idx, pos)  # (n, 1, C)
     for block in tr.h:
-        x = block(x, mask[:, None, None, :], cache)  # mask (n, 1, 1, span)
-    return model.lm_head(tr.ln_f(x))[:, -1]  # (n, V)
+        x = block(x, mask[:, None, None, :], cache, pos)  # mask (n, 1, 1, span)
+    return model.logits(x)[:, -1]  # (n, V)
 
 
 # --- the engine ---------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def running(engine: Engine):
         engine.stop()
 
 
-@pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal", "rope"])
 def test_decode_rows_matches_the_uncached_model(pos_embedding):
     """Rows of different lengths in one step: each row's logits == the plain forward of its sequence."""
     torch.manual_seed(0)
