@@ -215,6 +215,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it as learning_rate)
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum (modded-nanogpt)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
     loader_mode: Literal["random", "sequential"] = "random"
     pad_vocab_multiple: int = 64  # the model's vocab_size = data vocab rounded up to this (1: no padding)
@@ -260,6 +263,10 @@ class TrainConfig:
             raise UserError(
                 f"grad_clip and weight_decay must be >= 0, got {self.grad_clip}, {self.weight_decay}"
             )
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
+            raise UserError(
+                f"muon_lr must be > 0 and muon_momentum in [0, 1), got {self.muon_lr}, {self.muon_momentum}"
+            )
         if not 0 <= self.wsd_decay_fraction <= 1:
             raise UserError(f"wsd_decay_fraction must be in [0, 1], got {self.wsd_decay_fraction}")
         if self.lora_rank <= 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
@@ -275,6 +282,7 @@ class TrainConfig:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name, allowed in (
             ("method", ("full", "lora")),
+            ("optimizer", ("adamw", "muon")),
             ("lr_schedule", ("cosine", "constant", "wsd")),
             ("loader_mode", ("random", "sequential")),
             ("on_nonfinite", ("stop", "skip")),
