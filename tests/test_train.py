@@ -336,8 +336,21 @@ def test_every_recipe_parses():
         "tinystories-6l512",
         "fineweb-edu-124m",
         "tinystories-cpu",
+        "shakespeare-speedrun",
+        "tinystories-speedrun",
+        "fineweb-edu-speedrun",
     }
     for path in recipes:
         fields = load_recipe(str(path))
         TrainConfig(**fields)  # validates every field, the preset and the model overrides
         assert path.read_text().startswith("#")  # each states its source, hardware and expected result
+
+
+def test_speedrun_recipe_trains(data, tmp_path):
+    """shakespeare-speedrun runs as written (a few steps, on the test's bytes data)."""
+    fields = load_recipe("shakespeare-speedrun")
+    fields.update(data=str(data), out_dir=str(tmp_path), max_steps=3, batch_size=2, eval_tokens=256)
+    fields.update(sample_tokens=0, warmup_steps=1)
+    summary = run(TrainConfig(**fields))
+    assert summary["step"] == 3 and math.isfinite(summary["best_val_loss"])
+    assert json.loads((resolve(tmp_path) / "config.json").read_text())["train"]["optimizer"] == "muon"
