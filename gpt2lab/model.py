@@ -297,13 +297,16 @@ class GPT(nn.Module):
     # --- counting -------------------------------------------------------------------------------
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """All parameters (a tied matrix counted once); non_embedding=True leaves out position embeddings.
+        """All parameters (a tied matrix counted once); non_embedding=True leaves out the lookup tables.
 
-        The "non-embedding" convention (nanoGPT's) keeps wte because, tied, it is also the output layer.
+        The "non-embedding" convention (nanoGPT's) keeps a tied wte because it is also the output
+        layer (a matmul); an untied wte is a lookup only, as wpe is, so it is left out too.
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_weights:
+            n -= self.transformer.wte.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:

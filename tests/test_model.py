@@ -82,6 +82,9 @@ def test_weight_tying_shares_storage():
     untied = GPT(small_config(tie_weights=False))
     assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
     assert untied.num_params() == model.num_params() + 101 * 64
+    # FLOPs count the head's matmul once either way: an untied wte is a lookup, not a matmul
+    assert untied.num_params(non_embedding=True) == model.num_params(non_embedding=True)
+    assert untied.flops_per_token() == model.flops_per_token()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
