@@ -222,6 +222,10 @@ def shakespeare_report(results: list[dict], target: float) -> str:
 
 
 def tinystories(args: argparse.Namespace, env: dict[str, str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpt2lab.config import load_recipe
+
     work, results_path = Path(args.work), Path(args.work) / "results.jsonl"
     tok, data = work / "tokenizers" / "ts4k", work / "data" / "tinystories-4k"
     if not (tok / "vocab.bpe").exists():
@@ -229,50 +233,49 @@ def tinystories(args: argparse.Namespace, env: dict[str, str]) -> None:
             "tokenizer", "train", "--input", args.stories, "--vocab-size", "4096", "--out", str(tok), env=env
         )
     if not (data / "manifest.json").exists():
-        gpt2lab(
-            "prepare",
-            args.stories,
-            "--separator",
-            "eot",
-            "--tokenizer",
-            str(tok),
-            "--out",
-            str(data),
-            env=env,
-        )
+        prepare = ["prepare", args.stories, "--separator", "eot", "--tokenizer", str(tok), "--out", str(data)]
+        gpt2lab(*prepare, env=env)
     entries = [
         ("tinystories-cpu (baseline)", "tinystories-cpu"),
         ("tinystories-speedrun", "tinystories-speedrun"),
     ]
     done = {(r["round"], r["label"]) for r in load_results(results_path) if r["task"] == "tinystories"}
     common = ["--data", str(data), "--sample-tokens", "0", "--eval-interval", "0"]
-    common += ["--checkpoint-interval", "1000000"]
-    for rnd in range(args.rounds):
-        for label, recipe in entries if rnd % 2 == 0 else entries[::-1]:
-            if (rnd, label) in done:
-                continue
-            from gpt2lab.config import load_recipe
+    common += ["--checkpoint-interval", "1000000", *args.train_flags.split()]
+    # side by side: both recipes at once, one thread each, so that they share whatever load the machine
+    # has; else one after the other (alternating the order by round), each with all threads
+    workers = 2 if args.side_by_side else 1
 
-            fields = load_recipe(recipe)
-            # Calibrate: this recipe's step time and fixed costs (start-up, final eval, checkpoint) here.
-            cal_steps = args.calibration_steps
-            cal = run_train(
-                recipe, [*common, "--max-steps", str(cal_steps)], work / "runs" / "calibrate", env
-            )
-            step_s = cal["median_step_ms"] / 1e3
-            fixed_s = max(0.0, cal["wall_s"] - cal_steps * step_s)
-            steps = max(10, int((args.budget - fixed_s) / step_s))
-            warmup = round(fields.get("warmup_steps", 0) * steps / fields.get("max_steps", steps))
-            out = work / "runs" / f"tinystories-r{rnd}-{recipe}"
-            flags = [
-                *common,
-                "--max-steps",
-                str(steps),
-                "--warmup-steps",
-                str(warmup),
-                *args.train_flags.split(),
+    def calibrate(recipe: str) -> tuple[int, int, float]:
+        """(steps, warmup) that fill the budget here, from a short timed run; and its step ms."""
+        fields, n = load_recipe(recipe), args.calibration_steps
+        cal = run_train(recipe, [*common, "--max-steps", str(n)], work / "runs" / f"calibrate-{recipe}", env)
+        step_s = cal["median_step_ms"] / 1e3
+        fixed_s = max(0.0, cal["wall_s"] - n * step_s)  # start-up, final evaluation, checkpoint
+        steps = max(10, int((args.budget - fixed_s) / step_s))
+        return (
+            steps,
+            round(fields.get("warmup_steps", 0) * steps / fields.get("max_steps", steps)),
+            step_s * 1e3,
+        )
+
+    def train(recipe: str, rnd: int, steps: int, warmup: int) -> dict:
+        out = work / "runs" / f"tinystories-r{rnd}-{recipe}"
+        flags = [*common, "--max-steps", str(steps), "--warmup-steps", str(warmup)]
+        return {**run_train(recipe, flags, out, env, cap_s=args.budget * 1.1), "out": out}
+
+    for rnd in range(args.rounds):
+        todo = [
+            (lab, rec) for lab, rec in (entries if rnd % 2 == 0 else entries[::-1]) if (rnd, lab) not in done
+        ]
+        with ThreadPoolExecutor(workers) as pool:
+            plans = list(pool.map(calibrate, [rec for _, rec in todo]))
+            jobs = [
+                (rec, rnd, steps, warmup) for (_, rec), (steps, warmup, _) in zip(todo, plans, strict=True)
             ]
-            r = run_train(recipe, flags, out, env, cap_s=args.budget * 1.25)
+            runs = list(pool.map(lambda job: train(*job), jobs))
+        for (label, recipe), (steps, _, cal_ms), r in zip(todo, plans, runs, strict=True):
+            out = r["out"]
             gpt2lab(
                 "eval",
                 "loss",
@@ -295,8 +298,9 @@ def tinystories(args: argparse.Namespace, env: dict[str, str]) -> None:
                 "label": label,
                 "recipe": recipe,
                 "budget_s": args.budget,
+                "side_by_side": args.side_by_side,
                 "planned_steps": steps,
-                "calibrated_step_ms": cal["median_step_ms"],
+                "calibrated_step_ms": cal_ms,
                 "bits_per_byte": result["bits_per_byte"],
                 "val_loss": result["loss"],
                 "sample": sample.strip(),
@@ -308,8 +312,8 @@ def tinystories(args: argparse.Namespace, env: dict[str, str]) -> None:
             }
             append_result(results_path, record)
             print(
-                f"round {rnd} {label}: {steps} steps, {r['wall_s']:.0f} s, "
-                f"bits/byte {result['bits_per_byte']:.4f}"
+                f"round {rnd} {label}: {r['steps']} steps, {r['wall_s']:.0f} s, "
+                f"bits/byte {record['bits_per_byte']:.4f}"
             )
     print(tinystories_report(load_results(results_path)))
 
@@ -321,8 +325,9 @@ def tinystories_report(results: list[dict]) -> str:
     base = "tinystories-cpu (baseline)"
     by_round = {(r["round"], r["label"]): r for r in results}
     rows = [
-        f"Equal budget of {results[0]['budget_s']:.0f} s per run (schedule fitted to this machine), "
-        "whole val split:",
+        f"Equal budget of {results[0]['budget_s']:.0f} s per run (schedule fitted to this machine"
+        + ("; the two recipes side by side, one thread each" if results[0].get("side_by_side") else "")
+        + "), bits per byte over the whole val split:",
         "",
         "| run | rounds | steps (median) | wall (median) | val bits/byte (mean) | vs baseline "
         "| val loss (mean) | load avg (min-max) |",
@@ -367,6 +372,12 @@ def main() -> None:
     ap.add_argument("--text", default=str(SHARED / "tinyshakespeare.txt"), help="shakespeare: the corpus")
     ap.add_argument("--budget", type=float, default=600.0, help="tinystories: seconds per run")
     ap.add_argument("--calibration-steps", type=int, default=30, help="tinystories: steps timed per recipe")
+    ap.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="tinystories: run both recipes at the same time (give each 1 thread: --threads 1), so a busy "
+        "machine's load hits both alike",
+    )
     ap.add_argument(
         "--stories",
         default=str(SHARED / "tinystories" / "TinyStories-train_first2316stories.txt"),
