@@ -7,7 +7,11 @@ asyncio + httpx in this process, each looping streamed /v1/completions requests 
 seed, so both modes serve the same requests. Every response is checked: HTTP 200, no error event,
 each choice ends with a finish_reason, a usage chunk whose prompt_tokens is the prompt's length and
 whose completion_tokens is max_tokens when finish_reason is "length" (at most that when "stop"), then
-`data: [DONE]`. Prints a markdown table.
+`data: [DONE]`. Meanwhile --malformed-clients more clients each loop hostile requests (the cases the
+fuzzer found: bad JSON, deep nesting, huge numbers, wrong types, unknown fields, ...) on one kept-alive
+connection; each must be a 4xx, and no valid request may fail because of them. Then the prefill of
+joining requests: all prompts in one forward (as the engine does) against one forward per prompt.
+Prints markdown tables.
 
     python bench/serve.py                                   # 32 clients, 60 s per mode, a tiny model
     python bench/serve.py --ckpt out/shakespeare-char --screenshot docs/img/playground.png
@@ -148,8 +152,13 @@ async def one_request(
 
 
 async def load(
-    url: str, clients: int, duration: float, max_tokens: int, prompt_lens: dict[str, int]
-) -> tuple[list[dict], float]:
+    url: str,
+    clients: int,
+    duration: float,
+    max_tokens: int,
+    prompt_lens: dict[str, int],
+    bad_clients: int = 0,
+) -> tuple[list[dict], float, dict[str, int]]:
     import httpx
 
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
@@ -167,8 +176,69 @@ async def load(
                 results.append(await request)
                 k += 1
 
-        await asyncio.gather(*(worker(c) for c in range(clients)))
-        return results, time.perf_counter() - t0
+        bad = malformed(url, bad_clients, stop_at)
+        seen = (await asyncio.gather(bad, *(worker(c) for c in range(clients))))[0]
+        return results, time.perf_counter() - t0, seen
+
+
+MALFORMED = [
+    b'{"prompt": "x",',
+    b"[1, 2]",
+    b'{"prompt": "a", "temperature": 1' + b"0" * 399 + b"}",
+    b'{"prompt": "a", "max_tokens": 1' + b"0" * 4300 + b"}",
+    b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+    b'{"prompt": "a", "max_tokens": "many"}',
+    b'{"prompt": "a", "file": "/etc/passwd"}',
+    b'{"prompt": [1.5]}',
+    json.dumps({"prompt": "a", "stop": ["x"] * 17}).encode(),
+    b'{"prompt": "a", "n": 1000}',
+    b'{"prompt": "\xff"}',
+    b'{"prompt": "a", "temperature": NaN}',
+]
+
+
+async def malformed(url: str, clients: int, stop_at: float) -> dict[str, int]:
+    """Hostile requests in a loop, each client on one kept-alive connection: {status or error: count}."""
+    import httpx
+
+    seen: dict[str, int] = {}
+
+    async def worker(c: int) -> None:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=1)) as client:
+            k = c
+            while time.perf_counter() < stop_at:
+                body = MALFORMED[k % len(MALFORMED)]
+                k += 1
+                try:
+                    r = await client.post(url + "/v1/completions", content=body)
+                    key = str(r.status_code)
+                except Exception as e:  # a dropped connection counts against the server
+                    key = type(e).__name__
+                seen[key] = seen.get(key, 0) + 1
+                await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(worker(c) for c in range(clients)))
+    return seen
+
+
+def prefill_ratio(ckpt: Path, prompts: list[list[int]], rounds: int = 5) -> tuple[float, float]:
+    """Seconds to prefill the prompts in one forward (rows of their own lengths) and one at a time."""
+    from gpt2lab.checkpoint import load_model
+    from gpt2lab.decoder import Decoder
+
+    model = load_model(ckpt).eval()
+    core = Decoder(model, len(prompts))
+    together = alone = float("inf")
+    with torch.inference_mode():
+        for _ in range(rounds):  # alternating, best of each
+            t0 = time.perf_counter()
+            core.prefill(slice(0, len(prompts)), prompts)
+            together = min(together, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for i, p in enumerate(prompts):
+                core.prefill([i], [p])
+            alone = min(alone, time.perf_counter() - t0)
+    return together, alone
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -211,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32, help="--max-batch-size of the batched server")
     ap.add_argument("--modes", default="batched,sequential", help="batched, sequential (max batch 1)")
+    ap.add_argument("--malformed-clients", type=int, default=4, help="clients sending hostile requests")
     ap.add_argument("--screenshot", default=None, metavar="PNG", help="also save a playground screenshot")
     ap.add_argument("--screenshot-prompt", default="ROMEO:")
     ap.add_argument("--screenshot-tokens", type=int, default=200, help="max tokens of the screenshot's run")
@@ -228,8 +299,15 @@ def main(argv: list[str] | None = None) -> None:
     rows, rates = [], {}
     for mode in args.modes.split(","):
         with ServerProcess(ckpt, batch_of[mode], args.max_tokens) as server:
-            results, wall = asyncio.run(
-                load(server.url, args.clients, args.duration, args.max_tokens, prompt_lens)
+            results, wall, seen = asyncio.run(
+                load(
+                    server.url,
+                    args.clients,
+                    args.duration,
+                    args.max_tokens,
+                    prompt_lens,
+                    args.malformed_clients,
+                )
             )
             if args.screenshot and mode == "batched":
                 screenshot(server.url, Path(args.screenshot), args.screenshot_prompt, args.screenshot_tokens)
@@ -238,8 +316,11 @@ def main(argv: list[str] | None = None) -> None:
         tokens = sum(r["tokens"] for r in ok)
         rates[mode] = tokens / wall
         lat, ttft = [r["latency"] for r in ok], [r["ttft"] for r in ok]
+        hostile = sum(seen.values())
+        refused = sum(n for k, n in seen.items() if k.isdigit() and 400 <= int(k) < 500)
         rows.append(
-            f"| {mode} (max batch {batch_of[mode]}) | {args.clients} | {len(results)} | {len(errors)} | "
+            f"| {mode} (max batch {batch_of[mode]}) | {hostile} ({refused} 4xx) | {args.clients} | "
+            f"{len(results)} | {len(errors)} | "
             f"{len(ok)}/{len(results)} | {tokens} | {wall:.1f} | {rates[mode]:.0f} | {pct(lat, 50):.2f} | "
             f"{pct(lat, 99):.2f} | {pct(ttft, 50) * 1000:.0f} | {pct(ttft, 99) * 1000:.0f} |"
         )
@@ -253,13 +334,21 @@ def main(argv: list[str] | None = None) -> None:
         f"temperature 1, top-k 50, streamed\n"
     )
     print(
-        "| mode | clients | requests | errors | complete | completion tokens | wall s | tokens/s "
+        "| mode | hostile requests | clients | requests | errors | complete | completion tokens | wall s "
+        "| tokens/s "
         "| p50 latency s | p99 latency s | p50 TTFT ms | p99 TTFT ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     if "batched" in rates and "sequential" in rates:
         print(f"\nthroughput, batched / one at a time: {rates['batched'] / rates['sequential']:.1f}x")
+    prompts = [tok.encode(p) for p in PROMPTS] * 2  # 16 joining requests
+    together, alone = prefill_ratio(ckpt, prompts)
+    print(
+        f"\nprefill of {len(prompts)} joining prompts ({min(map(len, prompts))}-{max(map(len, prompts))} "
+        f"tokens): one forward {together * 1000:.1f} ms, one forward each {alone * 1000:.1f} ms, "
+        f"{alone / together:.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -230,7 +230,8 @@ def load_any(
     """The model of --ckpt DIR (a checkpoint or a run directory) or --pretrained NAME_OR_DIR (Hugging
     Face GPT-2), in eval mode on `device`, and the checkpoint's tokenizer spec (None: GPT-2's own).
 
-    The one loader behind `gpt2lab sample` and `gpt2lab eval`.
+    Every command that runs a model loads it here: `gpt2lab eval` directly, `sample`, `chat` and `serve`
+    through generate.load_for_sampling (which adds the tokenizer, an adapter and int8 weights).
     """
     from gpt2lab.distributed import pick_device
 

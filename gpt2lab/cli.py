@@ -123,6 +123,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     run(PrepareConfig(**config_overrides(args, PrepareConfig)))  # SOURCE is the positional argument
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    from gpt2lab.download import run_cache
+
+    run_cache(args.action or "list", getattr(args, "paths", []))
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     from gpt2lab.tokenizer import get_tokenizer, parse_ids, stats, train_tokenizer
 
@@ -315,6 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="named dataset or path")
     add_config_flags(p, PrepareConfig, "prepare settings", exclude=("source",))
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "cache",
+        help="the downloads cache: list the pinned files and their state; seed it offline",
+        description="Every file gpt2lab downloads is pinned by SHA-256 and kept in $GPT2LAB_CACHE (default "
+        "~/.cache/gpt2lab). `gpt2lab cache` lists them with their state; `gpt2lab cache add FILE_OR_FOLDER "
+        "...` copies in each file whose SHA-256 is pinned, so a machine without internet needs no download.",
+    )
+    csub = p.add_subparsers(dest="action", metavar="ACTION")
+    csub.add_parser("list", help="the pinned files, where they go, their hashes and state (the default)")
+    c = csub.add_parser(
+        "add", help="copy pinned files (found by SHA-256 in files and folders) into the cache"
+    )
+    c.add_argument("paths", nargs="+", metavar="FILE_OR_FOLDER")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser(
         "tokenizer",

@@ -158,6 +158,7 @@ class PrepareConfig:
     max_tokens: int | None = None  # stop the train split after this many tokens
     workers: int = 1  # tokenizer processes
     name: str | None = None  # shard file prefix (default: the source's name)
+    revision: str | None = None  # Hugging Face commit of a named dataset (default: the pinned one)
 
     def __post_init__(self) -> None:
         if self.val_fraction is not None and self.val_docs is not None:
@@ -355,6 +356,7 @@ class SampleConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     compile: bool = False  # CUDA: decode through a captured CUDA graph
+    quantize: Literal["none", "int8"] = "none"  # CPU: int8 weights for the Linear layers (faster decode)
 
 
 def finetune_defaults(method: str) -> dict[str, Any]:
@@ -421,6 +423,11 @@ class ServeConfig:
     max_streams: int = 64  # concurrent streaming responses; beyond: 429 + Retry-After
     max_body_bytes: int = 1_000_000  # request bodies above this get 413
     request_timeout_s: float = 300.0  # a request still running then ends (finish_reason "length")
+    max_stop: int = 16  # stop sequences per request (OpenAI allows 4; lm-eval and humaneval send more)
+    max_connections: int = 1024  # open connections served at once; beyond: 503 (uvicorn's limit_concurrency)
+    read_timeout_s: float = 30.0  # a request not arrived whole this long after its first byte: closed
+    compile: bool = False  # CUDA: decode through CUDA graphs (one per batch bucket)
+    quantize: Literal["none", "int8"] = "none"  # CPU: int8 weights for the Linear layers (faster decode)
 
     def __post_init__(self) -> None:
         if (self.ckpt is None) == (self.pretrained is None):
@@ -439,6 +446,15 @@ class ServeConfig:
             raise UserError(f"--max-prompt-tokens must be a positive integer, got {self.max_prompt_tokens}")
         if not self.request_timeout_s > 0:
             raise UserError(f"--request-timeout-s must be > 0, got {self.request_timeout_s}")
+        if not self.read_timeout_s > 0:
+            raise UserError(f"--read-timeout-s must be > 0, got {self.read_timeout_s}")
+        for name in ("max_stop", "max_connections"):
+            if getattr(self, name) < 1:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}"
+                )
+        if self.quantize not in ("none", "int8"):
+            raise UserError(f"--quantize must be none or int8, got {self.quantize!r}")
         if self.max_n > self.max_batch_size:  # the n rows of one prompt decode in one batch
             raise UserError(f"--max-n {self.max_n} exceeds --max-batch-size {self.max_batch_size}")
         if self.api_key is not None and not self.api_key.strip():

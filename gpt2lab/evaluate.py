@@ -29,7 +29,6 @@ for numbers that compare with published ones.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import re
@@ -48,12 +47,6 @@ from gpt2lab import distributed
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, IGNORE_INDEX
 from gpt2lab.progress import Progress
-
-# The official validation file, and its size and SHA-256 as recorded by the Git LFS pointer of a
-# copy (liujch1998/rainier data/hellaswag/hellaswag_val.jsonl; see ../shared/data/SOURCES.md).
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-HELLASWAG_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
-HELLASWAG_FILE = "hellaswag_val.jsonl"
 
 
 @contextlib.contextmanager
@@ -323,39 +316,16 @@ def load_hellaswag(path: str | Path, limit: int | None = None) -> list[Example]:
 
 
 def hellaswag_file(data: str | Path | None = None) -> Path:
-    """The file to read: `data` if given, else the cached official val jsonl, downloaded when missing."""
+    """The file to read: `data` if given, else the official val jsonl from the cache (downloaded into it
+    when missing, checked by SHA-256)."""
     if data is not None:
         path = Path(data).expanduser()
         if not path.is_file():
             raise UserError(f"HellaSwag file {str(path)!r} does not exist")
         return path
-    from gpt2lab.tokenizer import cache_dir
+    from gpt2lab.download import HELLASWAG_VAL, fetch
 
-    path = cache_dir() / "hellaswag" / HELLASWAG_FILE
-    if path.is_file():
-        return path
-    try:
-        _download(HELLASWAG_URL, HELLASWAG_SHA256, path)
-    except OSError as e:  # URLError, timeouts, no network, unwritable cache
-        raise UserError(
-            f"HellaSwag not found in {path.parent} and the download from {HELLASWAG_URL} failed ({e}); "
-            f"pass --data FILE (hellaswag_val.jsonl, or the 6-lines-per-task .txt)"
-        ) from None
-    return path
-
-
-def _download(url: str, sha256: str, dest: Path) -> None:
-    import urllib.request
-
-    from gpt2lab.atomic import atomic_write
-
-    with urllib.request.urlopen(url, timeout=60) as r:
-        data = r.read()
-    got = hashlib.sha256(data).hexdigest()
-    if got != sha256:
-        raise UserError(f"downloaded {url} has sha256 {got}, expected {sha256}; not stored")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(dest, lambda p: p.write_bytes(data))
+    return fetch(HELLASWAG_VAL, "pass --data FILE (hellaswag_val.jsonl, or the 6-lines-per-task .txt)")
 
 
 # --- HellaSwag: scoring --------------------------------------------------------------------------

@@ -28,17 +28,27 @@ IGNORE_INDEX = -100  # targets with this value do not count in the loss (F.cross
 
 
 class Cache(Protocol):
-    """What forward() needs from a KV cache (generate.KVCache is the implementation).
+    """What forward() needs from a KV cache (kvcache.KVCache is the implementation).
 
-    pos: positions already cached (the same for every row). pad: None, or a (B,) tensor of
-    left-padding lengths, for a batch of prompts of different lengths.
+    The cache knows which rows the new tokens belong to and how long each row already is, so it
+    supplies the positions of the new tokens and the attention mask; each layer then stores its new
+    keys and values in it and gets back all of them so far.
     """
 
-    pos: int
-    pad: torch.Tensor | None
+    def plan(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (B, T) of T new tokens per row, and the mask (None: plain causal attention)."""
+        ...
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at [pos, pos+T); return all keys and values so far (B, nh, S, hs)."""
+        """Store k, v (B, nh, T, hs); return all keys and values so far (B, nh, S, hs)."""
+        ...
+
+    def advance(self) -> None:
+        """After the forward: the new tokens are now part of each row."""
+        ...
+
+    def last_index(self) -> torch.Tensor:
+        """(B,) index in the input of each row's last real token (rows may be right-padded)."""
         ...
 
 
@@ -82,11 +92,13 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rope", table, persistent=False)  # (block_size, hs)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Cache | None, pos: torch.Tensor
+        self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, kv_cache: Cache | None
     ) -> torch.Tensor:
         """x (B, T, C) at positions pos ((T,) or (B, T)) -> (B, T, C).
 
-        mask: None for plain causal attention, else bool, True = may attend.
+        mask: None for plain causal attention, else bool (B, 1, T, S), True = may attend.
+        pos: GPT-2's positions are absolute and added once in GPT.embed; with pos_embedding="rope"
+        q and k are rotated by pos here, before k goes into the cache.
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
@@ -154,17 +166,19 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Cache | None, pos: torch.Tensor
+        self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, kv_cache: Cache | None
     ) -> torch.Tensor:
         if self.post_norm:  # Vaswani et al. 2017: normalise after each residual addition
-            x = self.ln_1(x + self.attn(x, mask, kv_cache, pos))
+            x = self.ln_1(x + self.attn(x, pos, mask, kv_cache))
             return self.ln_2(x + self.mlp(x))
         # GPT-2: normalise each branch's input and leave the residual stream itself untouched
-        x = x + self.attn(self.ln_1(x), mask, kv_cache, pos)
+        x = x + self.attn(self.ln_1(x), pos, mask, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
+    supports_kv_cache = True  # generation feeds only new tokens through a KV cache (see kvcache.py)
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -220,47 +234,51 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: Cache | None = None,
         last_only: bool = False,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V); or, given targets (B, T), the mean cross-entropy.
 
-        Targets equal to IGNORE_INDEX (-100) are left out of the mean. With kv_cache, idx holds only
-        the new tokens: they sit at positions [kv_cache.pos, kv_cache.pos + T) and attend to the cache.
-        last_only: logits (B, 1, V) of the last position only, all that generation needs after a
+        The one forward, for training, scoring, prefill and decode, batched or not. Targets equal to
+        IGNORE_INDEX (-100) are left out of the mean. With kv_cache, idx holds only the new tokens of
+        the cache's selected rows (right-padded when rows have fewer); each row continues at its own
+        length, and the cache supplies the positions and the attention mask.
+        last_only: logits (B, 1, V) of each row's last token only, all that generation needs after a
         prefill; it skips T - 1 rows of the vocab projection, ~1/3 of the prefill's FLOPs at GPT-2 124M.
+        hidden: the final hidden states (B, T, C) (after ln_f) instead of logits, e.g. for embeddings.
         """
         if last_only and targets is not None:
             raise UserError("last_only gives logits for one position; the loss needs them all (targets)")
         B, T = idx.shape
-        past = 0 if kv_cache is None else kv_cache.pos
-        if past + T > self.config.block_size:
-            raise UserError(
-                f"sequence length {past + T} exceeds the model's context block_size {self.config.block_size}"
-            )
-        pos, mask = self._positions_and_mask(T, past, None if kv_cache is None else kv_cache.pad, idx.device)
+        if kv_cache is None:
+            if idx.size(1) > self.config.block_size:
+                raise UserError(
+                    f"sequence length {T} exceeds the model's context block_size {self.config.block_size}"
+                )
+            pos, mask = torch.arange(T, device=idx.device), None  # (T,), causal
+        else:
+            pos, mask = kv_cache.plan(T)  # (B, T), (B, 1, T, S) or None
         x = self.embed(idx, pos)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, mask, kv_cache, pos)
+            x = block(x, pos, mask, kv_cache)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance()
         if last_only:
-            x = x[:, -1:]  # (B, 1, C)
-        logits = self.logits(x)  # (B, T, V)
+            last = T - 1 if kv_cache is None else kv_cache.last_index()  # int, or (B,) per row
+            x = x[torch.arange(B, device=x.device), last][:, None]  # (B, 1, C)
+        x = self.transformer.ln_f(x)
+        if hidden:
+            return x
+        logits = self.lm_head(x)  # (B, T, V)
+        if self.config.logit_softcap:
+            # Gemma 2 (Team et al. 2024), modded-nanogpt: cap * tanh(logits / cap) bounds the logits
+            # smoothly, so the model cannot win by growing them without limit (overconfidence).
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         if targets is None:
             return logits
         # Cross-entropy in fp32 even under bf16 autocast: log-softmax over 50K classes needs the range.
         return F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The last residual stream (B, T, C) -> next-token logits (B, T, V): final norm, head, soft cap."""
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
-        if self.config.logit_softcap:
-            # Gemma 2 (Team et al. 2024), modded-nanogpt: cap * tanh(logits / cap) bounds the logits
-            # smoothly, so the model cannot win by growing them without limit (overconfidence).
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
-        return logits
 
     def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) at positions pos ((T,) or (B, T)) -> the first residual stream (B, T, C)."""
@@ -272,27 +290,6 @@ class GPT(nn.Module):
             # added, so that tokens (init std 0.02) are not drowned by positions (amplitude 1).
             x = x * math.sqrt(self.config.n_embd) + self.pos_table[pos]
         return self.transformer.drop(x)
-
-    @staticmethod
-    def _positions_and_mask(
-        T: int, past: int, pad: torch.Tensor | None, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Position ids (T,) or (B, T), and the attention mask (None: the kernel's causal mask suffices).
-
-        A row left-padded by pad[b] tokens starts counting positions after its padding and never
-        attends to it. A padding query attends to itself only, so no softmax row is empty (NaN).
-        """
-        pos = torch.arange(past, past + T, device=device)  # (T,) absolute slots in the sequence
-        if pad is None and (past == 0 or T == 1):
-            return pos, None
-        i = pos[:, None]  # (T, 1) query slots
-        j = torch.arange(past + T, device=device)[None, :]  # (1, S) key slots
-        mask = j <= i  # (T, S): causal, aligned so that the last query sees the last key
-        if pad is None:
-            return pos, mask
-        pad = pad.to(device)[:, None, None]  # (B, 1, 1)
-        mask = mask & ((j >= pad) | (j == i))  # (B, T, S)
-        return (pos[None, :] - pad[:, :, 0]).clamp(min=0), mask[:, None]  # (B, T), (B, 1, T, S)
 
     # --- counting -------------------------------------------------------------------------------
 

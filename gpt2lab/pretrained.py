@@ -103,13 +103,17 @@ def resolve(name_or_dir: str | Path) -> Path:
             f"downloading {name!r} needs huggingface_hub: pip install 'gpt2lab[hf]', "
             "or pass a local directory with config.json and model.safetensors"
         ) from None
-    try:
-        return Path(snapshot_download(HUB_NAMES[name], allow_patterns=["config.json", "model.safetensors"]))
+    from gpt2lab.download import HUB_REVISIONS, verify_hub_files
+
+    repo, files = HUB_NAMES[name], ["config.json", "model.safetensors"]
+    try:  # a pinned commit: the same files every time, whatever the repository's main branch becomes
+        path = Path(snapshot_download(repo, revision=HUB_REVISIONS[repo], allow_patterns=files))
     except Exception as e:  # offline, proxy, disk: the hub client raises many types
         raise UserError(
             f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}); when offline, "
             "copy its config.json and model.safetensors into a directory and pass that directory"
         ) from None
+    return verify_hub_files(repo, path, files)
 
 
 def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:

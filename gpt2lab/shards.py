@@ -222,7 +222,7 @@ def prepare(cfg: PrepareConfig, tok: Any, log: Any = print) -> dict[str, Any]:
     an out dir prepared with other settings is refused, and nothing in it is touched.
     """
     out = Path(cfg.out)
-    corpus = open_corpus(cfg.source, cfg.separator, cfg.text_field)
+    corpus = open_corpus(cfg.source, cfg.separator, cfg.text_field, cfg.revision)
     plan = split_streams(corpus, cfg)
     settings = _settings(cfg, corpus, tok, plan["val"])
     name = cfg.name or corpus.name
@@ -371,7 +371,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     if not cfg.source or not cfg.out:
         raise UserError("prepare needs a SOURCE and --out DIR")
     t0 = time.perf_counter()
-    corpus = open_corpus(cfg.source, cfg.separator, cfg.text_field)
+    corpus = open_corpus(cfg.source, cfg.separator, cfg.text_field, cfg.revision)
     manifest = prepare(cfg, build_tokenizer(cfg, corpus))
     counts = ", ".join(
         f"{split} {s['tokens']:,} tokens / {s['documents']:,} docs in {len(s['shards'])} shard(s)"

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,8 +138,14 @@ def parquet_file(path: Path, text_field: str) -> DocStream:
     return docs
 
 
-def hf_dataset(path: str, split: str, config: str | None = None, text_field: str = "text") -> DocStream:
-    """Documents of a Hugging Face dataset split, streamed (nothing is held in memory)."""
+def hf_dataset(
+    path: str, split: str, config: str | None = None, text_field: str = "text", revision: str | None = None
+) -> DocStream:
+    """Documents of a Hugging Face dataset split at `revision` (default: the pinned commit, see
+    download.DATASET_REVISIONS), streamed (nothing is held in memory)."""
+    from gpt2lab.download import DATASET_REVISIONS
+
+    revision = revision or DATASET_REVISIONS.get(path)
 
     def docs() -> Iterator[str]:
         try:
@@ -151,7 +155,7 @@ def hf_dataset(path: str, split: str, config: str | None = None, text_field: str
                 "named datasets need Hugging Face datasets: pip install 'gpt2lab[data]'"
             ) from None
         try:
-            ds = load_dataset(path, config, split=split, streaming=True)
+            ds = load_dataset(path, config, split=split, streaming=True, revision=revision)
             for row in ds:
                 text = row[text_field]
                 if text and text.strip():
@@ -160,7 +164,8 @@ def hf_dataset(path: str, split: str, config: str | None = None, text_field: str
             raise
         except Exception as e:  # offline, missing dataset, proxy: the datasets library raises many types
             raise UserError(
-                f"could not stream {path} ({split}) from the Hugging Face hub ({type(e).__name__}: {e}); "
+                f"could not stream {path}@{revision} ({split}) from the Hugging Face hub "
+                f"({type(e).__name__}: {e}); "
                 "when offline, download it elsewhere and pass local .txt/.jsonl/.parquet files"
             ) from None
 
@@ -185,57 +190,51 @@ def wikitext_articles(lines: DocStream) -> DocStream:
     return docs
 
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
-
-def data_cache() -> Path:
-    return Path(os.environ.get("GPT2LAB_CACHE", Path.home() / ".cache" / "gpt2lab")) / "data"
-
-
 def shakespeare_file() -> Path:
-    """tinyshakespeare (1.1 MB, char-rnn), downloaded once into the cache."""
-    path = data_cache() / "tinyshakespeare.txt"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        try:
-            urllib.request.urlretrieve(SHAKESPEARE_URL, tmp)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise UserError(
-                f"could not download tinyshakespeare ({e}); offline, pass the file itself: "
-                "gpt2lab prepare path/to/tinyshakespeare.txt ..."
-            ) from None
-        os.replace(tmp, path)
-    return path
+    """tinyshakespeare (1.1 MB, char-rnn) from the cache, downloaded into it once; checked by SHA-256."""
+    from gpt2lab.download import TINYSHAKESPEARE, fetch
+
+    return fetch(
+        TINYSHAKESPEARE, "offline, pass the file itself: gpt2lab prepare path/to/tinyshakespeare.txt ..."
+    )
 
 
-def named_corpus(name: str) -> Corpus | None:
-    """A named dataset, or None when `name` is not one."""
+def named_corpus(name: str, revision: str | None = None) -> Corpus | None:
+    """A named dataset, or None when `name` is not one. revision: the Hugging Face commit to stream
+    (default: the pinned one); the description, which the manifest records, names it."""
+    from gpt2lab.download import DATASET_REVISIONS
+
+    def hub(repo: str) -> str:
+        return revision or DATASET_REVISIONS[repo]
+
     if name == "tinystories":
+        ts, rev = "roneneldan/TinyStories", hub("roneneldan/TinyStories")
         return Corpus(
             name,
-            "roneneldan/TinyStories (train, validation)",
-            {"train": hf_dataset("roneneldan/TinyStories", "train"),
-             "val": hf_dataset("roneneldan/TinyStories", "validation")},
+            f"{ts}@{rev} (train, validation)",
+            {"train": hf_dataset(ts, "train", revision=rev),
+             "val": hf_dataset(ts, "validation", revision=rev)},
         )  # fmt: skip
     if name == "wikitext103":
-        wt = ("Salesforce/wikitext", "wikitext-103-raw-v1")
+        wt, cfg, rev = "Salesforce/wikitext", "wikitext-103-raw-v1", hub("Salesforce/wikitext")
         return Corpus(
             name,
-            "Salesforce/wikitext wikitext-103-raw-v1 (train, validation), rows joined into articles",
-            {"train": wikitext_articles(hf_dataset(wt[0], "train", wt[1])),
-             "val": wikitext_articles(hf_dataset(wt[0], "validation", wt[1]))},
+            f"{wt}@{rev} {cfg} (train, validation), rows joined into articles",
+            {"train": wikitext_articles(hf_dataset(wt, "train", cfg, revision=rev)),
+             "val": wikitext_articles(hf_dataset(wt, "validation", cfg, revision=rev))},
         )  # fmt: skip
     if name == "fineweb-edu":
         # Streamed; its first documents become val, as build-nanogpt's first shard did.
+        fw, rev = "HuggingFaceFW/fineweb-edu", hub("HuggingFaceFW/fineweb-edu")
         return Corpus(
             name,
-            "HuggingFaceFW/fineweb-edu sample-10BT",
-            {"all": hf_dataset("HuggingFaceFW/fineweb-edu", "train", "sample-10BT")},
+            f"{fw}@{rev} sample-10BT",
+            {"all": hf_dataset(fw, "train", "sample-10BT", revision=rev)},
             default_val={"val_docs": 10_000},
         )
     if name == "shakespeare":
+        if revision is not None:
+            raise UserError("--revision pins a Hugging Face dataset; shakespeare is pinned by SHA-256")
         return Corpus(
             name, "tinyshakespeare (char-rnn)", {"all": lambda: text_file(shakespeare_file(), None)()}
         )
@@ -245,11 +244,16 @@ def named_corpus(name: str) -> Corpus | None:
 NAMED = ("tinystories", "wikitext103", "fineweb-edu", "shakespeare")
 
 
-def open_corpus(source: str, separator: str | None = None, text_field: str = "text") -> Corpus:
-    """A named dataset (NAMED) or a local path: .txt file, folder of .txt, .jsonl or .parquet."""
-    corpus = named_corpus(source)
+def open_corpus(
+    source: str, separator: str | None = None, text_field: str = "text", revision: str | None = None
+) -> Corpus:
+    """A named dataset (NAMED; revision: its Hugging Face commit) or a local path: .txt file, folder of
+    .txt, .jsonl or .parquet."""
+    corpus = named_corpus(source, revision)
     if corpus is not None:
         return corpus
+    if revision is not None:
+        raise UserError(f"--revision pins a named Hugging Face dataset, not the local path {source!r}")
     path = Path(source)
     if not path.exists():
         raise UserError(f"source {source!r} is neither an existing path nor a named dataset {list(NAMED)}")

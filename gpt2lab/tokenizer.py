@@ -43,21 +43,13 @@ from gpt2lab.bpe import (
     split_specials,
     write_tokenizer_dir,
 )
+from gpt2lab.download import GPT2_ENCODER, GPT2_MERGES, cache_dir, fetch, is_pinned, remember
 from gpt2lab.errors import UserError
 
 SPEC_VERSION = 1
 BACKENDS = ("tiktoken", "python")
-# OpenAI's GPT-2 vocabulary: URL and SHA-256, as pinned by tiktoken (tiktoken_ext/openai_public.py).
-GPT2_FILES = {
-    "encoder.json": (
-        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    ),
-    "vocab.bpe": (
-        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    ),
-}
+# OpenAI's GPT-2 vocabulary: name -> (URL, SHA-256), pinned in download.py (as tiktoken pins them).
+GPT2_FILES = {p.name.split("/")[-1]: (p.url, p.sha256) for p in (GPT2_ENCODER, GPT2_MERGES)}
 GPT2_VOCAB_SIZE, GPT2_EOT_ID = 50257, 50256  # GPT-2's encoder.json
 
 
@@ -391,12 +383,6 @@ class AddedTokens(Tokenizer):
 # --- GPT-2's vocabulary files
 
 
-def cache_dir() -> Path:
-    """Where downloaded or copied vocabularies live: $GPT2LAB_CACHE, else ~/.cache/gpt2lab."""
-    env = os.environ.get("GPT2LAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gpt2lab"
-
-
 def _gpt2_pair(d: Path) -> tuple[Path, Path] | None:
     for enc, merges in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
         if (d / enc).is_file() and (d / merges).is_file():
@@ -404,49 +390,9 @@ def _gpt2_pair(d: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def _download_gpt2(dest: Path) -> None:
-    """Fetch encoder.json and vocab.bpe from OpenAI into dest, each checked against its pinned SHA-256."""
-    import hashlib
-    import urllib.request
-
-    from gpt2lab.checkpoint import atomic_write
-
-    blobs = {}
-    for fname, (url, sha) in GPT2_FILES.items():
-        with urllib.request.urlopen(url, timeout=20) as r:
-            data = r.read()
-        got = hashlib.sha256(data).hexdigest()
-        if got != sha:
-            raise UserError(f"downloaded {url} has sha256 {got}, expected {sha}; not stored")
-        blobs[fname] = data
-    dest.mkdir(parents=True, exist_ok=True)
-    for fname, data in blobs.items():
-        atomic_write(dest / fname, lambda p, data=data: p.write_bytes(data))
-
-
-def _remember_gpt2(pair: tuple[Path, Path]) -> None:
-    """Copy OpenAI's two files (checked by SHA-256) into the cache when it lacks them, so that later
-    commands (a checkpoint restoring its tokenizer from a spec) find them without --gpt2-vocab."""
-    import hashlib
-
-    from gpt2lab.atomic import atomic_write
-
-    cached = cache_dir() / "gpt2"
-    if _gpt2_pair(cached) is not None:
-        return
-    blobs = {name: path.read_bytes() for name, path in zip(("encoder.json", "vocab.bpe"), pair, strict=True)}
-    if any(hashlib.sha256(data).hexdigest() != GPT2_FILES[name][1] for name, data in blobs.items()):
-        return  # not OpenAI's files byte for byte: use them, but do not make them the default
-    try:
-        cached.mkdir(parents=True, exist_ok=True)
-        for name, data in blobs.items():
-            atomic_write(cached / name, lambda p, data=data: p.write_bytes(data))
-    except OSError:
-        pass  # a read-only cache only costs the convenience
-
-
 def find_gpt2_vocab(vocab_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """(encoder.json, vocab.bpe) paths: vocab_dir, else the cache, else downloaded into the cache."""
+    """(encoder.json, vocab.bpe) paths: vocab_dir, else the cache (checked by SHA-256), else downloaded
+    into the cache. OpenAI's own files given in vocab_dir are remembered in the cache for later."""
     if vocab_dir is not None:
         d = Path(vocab_dir).expanduser()
         pair = _gpt2_pair(d) if d.is_dir() else None
@@ -454,21 +400,16 @@ def find_gpt2_vocab(vocab_dir: str | Path | None = None) -> tuple[Path, Path]:
             raise UserError(
                 f"GPT-2 vocab dir {str(d)!r} has no encoder.json + vocab.bpe (or vocab.json + merges.txt)"
             )
-        _remember_gpt2(pair)
+        # Only OpenAI's two files byte for byte become the default; others are used here, not kept.
+        if is_pinned(pair[0], GPT2_ENCODER) and is_pinned(pair[1], GPT2_MERGES):
+            remember(pair[0], GPT2_ENCODER)
+            remember(pair[1], GPT2_MERGES)
         return pair
-    cached = cache_dir() / "gpt2"
-    pair = _gpt2_pair(cached)
-    if pair is not None:
-        return pair
-    try:
-        _download_gpt2(cached)
-    except OSError as e:  # URLError, timeouts, no network, unwritable cache
-        raise UserError(
-            f"GPT-2 vocabulary not found: not in {cached} and the download from openaipublic failed ({e}); "
-            f"pass --gpt2-vocab DIR / vocab_dir=DIR (a folder with encoder.json and vocab.bpe), or copy "
-            f"those two files into {cached}"
-        ) from None
-    return cached / "encoder.json", cached / "vocab.bpe"
+    hint = (
+        "pass --gpt2-vocab DIR / vocab_dir=DIR (a folder with encoder.json and vocab.bpe), or copy those two "
+        f"files into {cache_dir() / 'gpt2'}"
+    )
+    return fetch(GPT2_ENCODER, hint), fetch(GPT2_MERGES, hint)
 
 
 def model_tokenizer(

@@ -158,8 +158,8 @@ def test_named_datasets_stream_through_hugging_face_datasets(monkeypatch, tmp_pa
     }  # fmt: skip
     calls = []
 
-    def load_dataset(path, name=None, split=None, streaming=False):
-        calls.append((path, name, split, streaming))
+    def load_dataset(path, name=None, split=None, streaming=False, revision=None):
+        calls.append((path, name, split, streaming, revision))
         return iter(rows[(path, name, split)])
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
@@ -171,7 +171,11 @@ def test_named_datasets_stream_through_hugging_face_datasets(monkeypatch, tmp_pa
         " = Alpha = \n Alpha text .\n = = Sub = = \n more .",
         " = Beta = \n Beta text .",
     ]
-    assert all(streaming for *_, streaming in calls)
+    assert all(streaming for *_, streaming, _ in calls)
+    assert {(path, revision) for path, *_, revision in calls} == {  # pinned commits (download.py)
+        ("roneneldan/TinyStories", "f54c09fd23315a6f9c86f9dc80f725de7d8f9c64"),
+        ("Salesforce/wikitext", "b08601e04326c79dfdd32d625aee71d232d685c3"),
+    }
     m = prepare("tinystories", tmp_path, tokenizer="bytes")
     assert m["splits"]["val"]["tokens"] == len("A val story.") + 1
     with pytest.raises(UserError, match="has its own validation split"):

@@ -316,8 +316,9 @@ class FakeResponse:
     def __init__(self, data: bytes):
         self.data = data
 
-    def read(self) -> bytes:
-        return self.data
+    def read(self, n: int = -1) -> bytes:
+        data, self.data = (self.data, b"") if n < 0 else (self.data[:n], self.data[n:])
+        return data
 
     def __enter__(self):
         return self
@@ -327,10 +328,11 @@ class FakeResponse:
 
 
 def test_download_into_cache(tmp_path, monkeypatch):
+    import dataclasses
     import hashlib
     import urllib.request
 
-    from gpt2lab import evaluate
+    from gpt2lab import download, evaluate
 
     payload = (json.dumps(record()) + "\n").encode()
     urls = []
@@ -341,15 +343,16 @@ def test_download_into_cache(tmp_path, monkeypatch):
 
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    # a wrong checksum: refused, nothing stored
-    with pytest.raises(UserError, match="has sha256"):
+    # a wrong checksum: refused, nothing stored under the name
+    with pytest.raises(UserError, match="sha256"):
         evaluate.hellaswag_file()
     assert not (tmp_path / "cache" / "hellaswag" / "hellaswag_val.jsonl").exists()
-    monkeypatch.setattr(evaluate, "HELLASWAG_SHA256", hashlib.sha256(payload).hexdigest())
+    pin = dataclasses.replace(download.HELLASWAG_VAL, sha256=hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(download, "HELLASWAG_VAL", pin)
     path = evaluate.hellaswag_file()
     assert path == tmp_path / "cache" / "hellaswag" / "hellaswag_val.jsonl"
     assert path.read_bytes() == payload
-    assert urls == [evaluate.HELLASWAG_URL] * 2
+    assert urls == [pin.url] * 2
     assert evaluate.hellaswag_file() == path and len(urls) == 2  # cached: no second download
     assert load_hellaswag(path)[0].label == 2
 

@@ -158,23 +158,19 @@ def test_batched_prompts_equal_one_at_a_time():
 
 
 def test_batched_rows_are_exact_across_the_window_slide():
-    """In a batch the window slides for all rows at once (when the padded batch fills the context):
-    each row's logits are still those of the uncached model on that row's tokens in the window."""
+    """Each row of a batch slides its own window when its own cache row is full: its logits are those
+    of the uncached model on its own window, exactly as for its prompt alone (rows fill at different
+    steps, since their prompts differ in length)."""
     model = small_model()
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [6], [5, 3, 5]]
-    keep, P, block = 16, 9, 32
     got = list(steps(model, prompts, 50, seed=3, eot_id=None))
     for row, prompt in enumerate(prompts):
-        pad = P - len(prompt)
-        cols = [0] * pad + prompt + [int(s.tokens[row]) for s in got]  # the row as a padded buffer
-        start = 0
-        with torch.no_grad():
-            for i, s in enumerate(got):
-                n = P + i  # columns filled before this step
-                if n - start > block:
-                    start = n - keep
-                ref = model(torch.tensor([cols[max(start, pad) : n]]))[0, -1]
-                torch.testing.assert_close(s.logits[row], ref, atol=ATOL, rtol=0, msg=f"row {row} step {i}")
+        new = [int(s.tokens[row]) for s in got]
+        ref = windowed_reference(model, prompt, new, 16)
+        for i, (s, r) in enumerate(zip(got, ref, strict=True)):
+            torch.testing.assert_close(s.logits[row], r, atol=ATOL, rtol=0, msg=f"row {row} step {i}")
+    greedy = generate(model, prompts, 50, temperature=0, eot_id=None)
+    assert greedy == [generate(model, p, 50, temperature=0, eot_id=None) for p in prompts]
 
 
 def test_samples_share_one_prefill_and_differ():
@@ -492,12 +488,15 @@ def test_forward_last_only_gives_the_last_position_of_the_full_logits():
     with torch.no_grad():
         full = model(idx)
         last = model(idx, last_only=True)
-        cache = KVCache(model.config, 2, pad=torch.tensor([0, 2]))
+        cache = KVCache(model.config, 2)
+        cache.select(slice(0, 2), n_new=[6, 4])  # row 1: 4 real tokens, then 2 of right padding
         cached = model(idx, kv_cache=cache, last_only=True)
-        ref_pad = model(idx[1:, 2:])[:, -1]
+        ref_pad = model(idx[1:, :4])[:, -1]
     assert last.shape == (2, 1, 101)
     torch.testing.assert_close(last, full[:, -1:], atol=ATOL, rtol=0)
-    torch.testing.assert_close(cached[1, -1], ref_pad[0], atol=ATOL, rtol=0)  # row 1 left-padded by 2
+    torch.testing.assert_close(cached[0, -1], full[0, -1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(cached[1, -1], ref_pad[0], atol=ATOL, rtol=0)  # its own last token
+    assert cache.host_lengths == [6, 4] and cache.lengths.tolist() == [6, 4]
     with pytest.raises(UserError, match="last_only"):
         model(idx, targets=idx, last_only=True)
 
@@ -515,3 +514,98 @@ def test_vocab_size_keeps_samples_out_of_padding_rows():
     limited = generate(model, [1, 2, 3], 40, temperature=1.0, seed=0, eot_id=None, vocab_size=100)
     assert max(free) >= 100  # without the limit the padding rows are sampled...
     assert max(limited) < 100  # ...with it, never
+
+
+SPEEDRUN_OPTIONS = dict(
+    pos_embedding="rope", qk_norm=True, activation="relu2", tie_weights=False, logit_softcap=15.0
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [{}, SPEEDRUN_OPTIONS], ids=["gpt2", "speedrun"])
+def test_the_static_decode_step_compiles_with_fullgraph(overrides):
+    """The CUDA-graph decode step (the cache's static mode) traces as one graph with no breaks, and the
+    compiled step equals the ordinary cached step (aot_eager: dynamo + functionalization, no codegen,
+    so this takes seconds on a CPU; a graph break or a Python value read per step would fail here)."""
+    model = small_model(**overrides)
+    caches = [KVCache(model.config, 2), KVCache(model.config, 2)]
+    with torch.no_grad():
+        for c in caches:
+            c.select(slice(0, 2), n_new=[5, 3])
+            model(torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]]), kv_cache=c)
+
+        def step(idx):
+            caches[0].select(slice(0, 2), static=True)
+            return model(idx, kv_cache=caches[0])[:, -1]
+
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        for i in range(3):
+            idx = torch.tensor([[10 + i], [20 + i]])
+            caches[1].select(slice(0, 2))
+            torch.testing.assert_close(
+                compiled(idx), model(idx, kv_cache=caches[1])[:, -1], atol=ATOL, rtol=0
+            )
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == [8, 6]
+
+
+class WindowOnly(torch.nn.Module):
+    """A model with forward(idx, targets) over its context and no KV cache (as the ladder's are)."""
+
+    def __init__(self, inner: GPT):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, idx, targets=None):
+        return self.inner(idx, targets)
+
+
+def test_a_model_without_a_kv_cache_generates_on_its_last_block_size_tokens():
+    model = small_model()
+    plain = WindowOnly(model).eval()
+    prompt = [5, 17, 3, 99, 42]
+    got = list(steps(plain, [prompt, [1, 2]], 60, seed=0, eot_id=None, num_samples=2))
+    for row, p in ((0, prompt), (2, [1, 2])):
+        new = [int(s.tokens[row]) for s in got]
+        ref = windowed_reference(model, p, new, keep=32)  # the window slides by one token per step
+        for i, (s, r) in enumerate(zip(got, ref, strict=True)):
+            torch.testing.assert_close(s.logits[row], r, atol=ATOL, rtol=0, msg=f"row {row} step {i}")
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=1e-39), dict(top_p=1e-320), dict(temperature=1e-30, top_k=5)]
+)
+def test_a_temperature_or_top_p_too_small_to_sample_from_is_greedy(kwargs):
+    model = small_model()
+    greedy = generate(model, [1, 2, 3], 25, temperature=0, eot_id=None)
+    assert generate(model, [1, 2, 3], 25, seed=0, eot_id=None, **kwargs) == greedy
+    logits = torch.tensor([[1.0, 3.0, float("-inf"), 2.0]])
+    assert sample_next(logits, temperature=1e-39).tolist() == [1]
+    assert sample_next(logits, temperature=1.0, top_p=1e-320).tolist() == [1]
+
+
+def test_presence_penalty_logit_bias_and_min_tokens():
+    model = small_model()
+    plain = generate(model, [1, 2, 3], 20, temperature=0, eot_id=None)
+    assert generate(model, [1, 2, 3], 20, temperature=0, eot_id=None, logit_bias={7: 100.0}) == [7] * 20
+    spread = generate(model, [1, 2, 3], 20, temperature=0, eot_id=None, presence_penalty=1e4)
+    assert len(set(spread)) == 20 and len(set(plain)) < 20
+    ends = generate(model, [1, 2, 3], 20, temperature=0, eot_id=plain[0])
+    assert ends == [plain[0]]
+    late = generate(model, [1, 2, 3], 20, temperature=0, eot_id=plain[0], min_tokens=4)
+    assert plain[0] not in late[:4] and len(late) >= 5
+
+
+def test_int8_weights_stay_close_to_fp32_and_generate():
+    from gpt2lab.decoder import quantize_int8
+
+    model = small_model(n_embd=128, n_head=4)
+    idx = torch.tensor([[5, 17, 3, 99, 42, 8, 8, 1]])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(idx), -1)
+        q = quantize_int8(small_model(n_embd=128, n_head=4))
+        got = torch.log_softmax(q(idx), -1)
+    assert type(q.lm_head).__name__ == "Linear" and "quantized" in type(q.lm_head).__module__
+    kl = torch.nn.functional.kl_div(got, ref, log_target=True, reduction="none").sum(-1)  # KL(fp32 || int8)
+    assert 0 < kl.max().item() < 0.02, kl  # close, and not the same computation
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert len(generate(q, [1, 2, 3], 10, temperature=0, eot_id=None)) == 10

@@ -6,7 +6,7 @@ from conftest import randomized, small_config
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.errors import UserError
-from gpt2lab.generate import KVCache
+from gpt2lab.kvcache import KVCache
 from gpt2lab.model import IGNORE_INDEX
 
 VARIANTS = {
@@ -162,30 +162,58 @@ def test_kv_cache_forward_equals_full_forward(variant, attn_impl):
         full = model(idx)
         pieces = [model(idx[:, :10], kv_cache=cache), model(idx[:, 10:15], kv_cache=cache)]
         pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(15, 24)]  # one token at a time
-    assert cache.pos == 24
+    assert cache.host_lengths == [24, 24]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
-    with pytest.raises(UserError, match="exceeds the model's context"):
+    with pytest.raises(UserError, match="KV cache is full: 33 positions needed, max_len is 32"):
         model(torch.zeros(2, 9, dtype=torch.long), kv_cache=cache)
 
 
 @pytest.mark.parametrize("variant", ["gpt2-style", "rope", "speedrun"])
-def test_left_padded_batch_equals_each_row_alone(variant):
+def test_ragged_batch_through_the_cache_equals_each_row_alone(variant):
+    """Prompts of different lengths in one prefill (right-padded, each row at its own positions), then
+    decode steps: every row's logits equal the plain forward of its own sequence (RoPE included)."""
     model = randomized(GPT(small_config(**VARIANTS[variant])))
     prompts = [torch.randint(0, 101, (n,)) for n in (7, 12, 3)]
     width = max(len(p) for p in prompts)
-    pad = torch.tensor([width - len(p) for p in prompts])
-    batch = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    batch = torch.stack([torch.cat([p, torch.zeros(width - len(p), dtype=torch.long)]) for p in prompts])
     nxt = torch.randint(0, 101, (3, 4))
-    cache = KVCache(model.config, batch_size=3, pad=pad)
+    cache = KVCache(model.config, batch_size=3)
     with torch.no_grad():
+        cache.select(slice(0, 3), n_new=[len(p) for p in prompts])
         prefill = model(batch, kv_cache=cache)
-        steps = [model(nxt[:, t : t + 1], kv_cache=cache) for t in range(4)]
+        steps = []
+        for t in range(4):
+            cache.select(slice(0, 3))
+            steps.append(model(nxt[:, t : t + 1], kv_cache=cache))
         for b, p in enumerate(prompts):
             alone = model(torch.cat([p, nxt[b]])[None])[0]  # (len + 4, V)
-            torch.testing.assert_close(prefill[b, pad[b] :], alone[: len(p)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(prefill[b, : len(p)], alone[: len(p)], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(
                 torch.cat([s[b] for s in steps]), alone[len(p) :], atol=1e-5, rtol=1e-5
             )
+    assert cache.host_lengths == [11, 16, 7]
+
+
+def test_static_cache_mode_equals_the_dynamic_one():
+    """The CUDA-graph variant (attention over all max_len slots with a mask, positions from device
+    tensors) gives the same logits as the ordinary cache, on CPU, for rows of different lengths."""
+    model = randomized(GPT(small_config()))
+    prompts = [torch.randint(0, 101, (n,)).tolist() for n in (5, 9)]
+    caches = [KVCache(model.config, batch_size=2), KVCache(model.config, batch_size=2)]
+    nxt = torch.randint(0, 101, (2, 6))
+    with torch.no_grad():
+        outs = []
+        for static, cache in zip((False, True), caches, strict=True):
+            batch = torch.tensor([prompts[0] + [0] * 4, prompts[1]])
+            cache.select(slice(0, 2), n_new=[5, 9])
+            model(batch, kv_cache=cache)
+            got = []
+            for t in range(6):
+                cache.select(slice(0, 2), static=static)
+                got.append(model(nxt[:, t : t + 1], kv_cache=cache))
+            outs.append(torch.cat(got, dim=1))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert caches[1].lengths.tolist() == [11, 15]
 
 
 def test_flops_and_mfu():

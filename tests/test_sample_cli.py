@@ -147,3 +147,45 @@ def shared_vocab():
     if not (folder / "encoder.json").is_file():
         pytest.skip(f"GPT-2 vocab not found at {folder}")
     return folder
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "1e-39"], ["--top-p", "1e-320"]])
+def test_sample_with_a_temperature_or_top_p_too_small_to_sample_from_prints_greedy_text(
+    gpt2_dir, stand_in, capsys, flags
+):
+    path, _ = gpt2_dir
+    argv = [
+        "sample",
+        "--pretrained",
+        str(path),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+    ]
+    code, greedy, err = run_cli([*argv, "--temperature", "0"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli([*argv, "--seed", "1", *flags], capsys)
+    assert code == 0 and err == "" and out == greedy
+
+
+def test_sample_quantize_int8(gpt2_dir, stand_in, capsys):
+    path, _ = gpt2_dir
+    argv = [
+        "sample",
+        "--pretrained",
+        str(path),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+    ]
+    code, out, err = run_cli([*argv, "--temperature", "0", "--quantize", "int8"], capsys)
+    assert code == 0, err
+    assert out.startswith("Hello") and len(out) > len("Hello\n")
+    code, out, err = run_cli([*argv, "--quantize", "int8", "--dtype", "bfloat16"], capsys)
+    assert code == 2 and "float32" in err

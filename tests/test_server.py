@@ -24,9 +24,10 @@ from test_generate import small_model
 from gpt2lab.checkpoint import save_checkpoint
 from gpt2lab.cli import main
 from gpt2lab.config import ServeConfig
+from gpt2lab.decoder import Decoder
+from gpt2lab.engine import Engine, Event, Job, choice_seed
 from gpt2lab.errors import UserError
-from gpt2lab.generate import KVCache, Sampling, draw, generate
-from gpt2lab.server import Engine, Event, Job, RowCache, choice_seed, decode_rows
+from gpt2lab.generate import Sampling, draw, generate
 from gpt2lab.tokenizer import ByteTokenizer
 
 KEY = "sk-test-key"
@@ -98,23 +99,27 @@ def running(engine: Engine):
 
 
 @pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal", "rope"])
-def test_decode_rows_matches_the_uncached_model(pos_embedding):
-    """Rows of different lengths in one step: each row's logits == the plain forward of its sequence."""
+def test_decoder_rows_of_different_lengths_match_the_uncached_model(pos_embedding):
+    """One batched prefill of prompts of different lengths into chosen rows, then decode steps of
+    rows 0..n-1: each row's logits == the plain forward of its own sequence."""
     torch.manual_seed(0)
     model = small_model(pos_embedding=pos_embedding)
     seqs = [torch.randint(0, 101, (n,)).tolist() for n in (3, 9, 5)]
-    cache = RowCache(model.config, 4, torch.device("cpu"), torch.float32)
+    core = Decoder(model, 4)
     with torch.no_grad():
-        for b, s in enumerate(seqs):  # each row's prefix written directly, as a prefill leaves it
-            one = KVCache(model.config, 1, len(s) - 1)
-            model(torch.tensor([s[:-1]]), kv_cache=one)
-            cache.load(b, 1, one, len(s) - 1)
-        idx = torch.tensor([[s[-1]] for s in seqs])
-        lengths = torch.tensor([len(s) - 1 for s in seqs])
-        got = decode_rows(model, idx, cache, lengths)
-        for b, s in enumerate(seqs):
-            ref = model(torch.tensor([s]))[0, -1]
-            torch.testing.assert_close(got[b], ref, atol=1e-5, rtol=0)
+        got = core.prefill([2, 0, 1], [seqs[2], seqs[0], seqs[1]])  # rows in any order
+        for row, s in zip([2, 0, 1], [seqs[2], seqs[0], seqs[1]], strict=True):
+            torch.testing.assert_close(
+                got[[2, 0, 1].index(row)], model(torch.tensor([s]))[0, -1], atol=1e-5, rtol=0
+            )
+        for _ in range(3):
+            nxt = torch.randint(0, 101, (3,))
+            for b in range(3):
+                seqs[b].append(int(nxt[b]))
+            got = core.decode(nxt)
+            for b, s in enumerate(seqs):
+                torch.testing.assert_close(got[b], model(torch.tensor([s]))[0, -1], atol=1e-5, rtol=0)
+    assert [core.length(b) for b in range(3)] == [6, 12, 8]
 
 
 def test_draw_follows_the_probabilities_and_never_picks_a_filtered_token():
@@ -136,13 +141,15 @@ def test_draw_follows_the_probabilities_and_never_picks_a_filtered_token():
     assert first.tolist() == draw(probs, [torch.Generator().manual_seed(i) for i in range(3)]).tolist()
 
 
-def test_engine_greedy_equals_generate_with_requests_joining_and_leaving():
+@pytest.mark.parametrize("compile", [False, True])
+def test_engine_greedy_equals_generate_with_requests_joining_and_leaving(compile):
     """Continuous batching: 6 jobs of different lengths through 3 slots, joining as others finish;
-    every job's greedy tokens == generate() on its prompt alone."""
+    every job's greedy tokens == generate() on its prompt alone. compile: the fixed-shape decode step
+    over batch buckets (CUDA graphs on a GPU, run eagerly here), free rows of a bucket computed too."""
     model = small_model(block_size=48)
     prompts = [[1, 2, 3], [7] * 11, [5, 9], [42] * 20, [3, 1, 4, 1, 5], [99]]
     max_tokens = [12, 5, 20, 9, 16, 25]
-    engine = Engine(model, ids_text, 101, max_batch_size=3, max_queue=10)
+    engine = Engine(model, ids_text, 101, max_batch_size=3, max_queue=10, compile=compile)
     with running(engine):
         specs = [dict(prompt=p, max_tokens=m) for p, m in zip(prompts, max_tokens, strict=True)]
         results = run_jobs(engine, specs, stagger=0.002)
@@ -152,6 +159,38 @@ def test_engine_greedy_equals_generate_with_requests_joining_and_leaving():
         assert c.finish == ["length"] and c.tokens == [m]
     assert engine.steps < sum(max_tokens)  # rows shared decode steps
     assert engine.active == 0 and engine.waiting == 0
+
+
+@pytest.mark.gpu
+def test_engine_cuda_graph_decode_equals_generate():
+    """--compile on a GPU: decode steps replayed from CUDA graphs (one per batch bucket) give each
+    request the tokens of the eager path."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = small_model(block_size=48).cuda()
+    prompts = [[1, 2, 3], [7] * 11, [5, 9], [42] * 20, [3, 1, 4, 1, 5]]
+    engine = Engine(model, ids_text, 101, max_batch_size=4, compile=True)
+    with running(engine):
+        results = run_jobs(engine, [dict(prompt=p, max_tokens=15) for p in prompts], stagger=0.002)
+    assert len(engine.core._graphs) >= 2  # several buckets were captured and replayed
+    for p, c in zip(prompts, results, strict=True):
+        assert c.ids() == generate(model, p, 15, temperature=0.0, eot_id=None)
+
+
+def test_joining_requests_are_prefilled_together():
+    """Jobs waiting when the engine looks are prefilled in one forward (prompts of different lengths
+    in their own rows), and each still gets exactly its own greedy continuation."""
+    model = small_model(block_size=48)
+    prompts = [[1, 2, 3], [7] * 11, [5, 9], [42] * 20, [3, 1, 4, 1, 5], [99]]
+    engine = Engine(model, ids_text, 101, max_batch_size=8)
+    collectors = [Collector(1) for _ in prompts]
+    for p, c in zip(prompts, collectors, strict=True):
+        engine.submit([Job(p, 10, Sampling(temperature=0.0), c)])
+    with running(engine):
+        assert all(c.done.wait(30) for c in collectors)
+    assert engine.prefills == 1 and engine.steps == 9  # one prefill, then 9 decode steps for all 6
+    for p, c in zip(prompts, collectors, strict=True):
+        assert c.ids() == generate(model, p, 10, temperature=0.0, eot_id=None)
 
 
 def test_engine_request_in_a_busy_batch_equals_it_alone():
@@ -239,7 +278,7 @@ class Server:
     def __init__(self, cfg: ServeConfig, api_key: str | None = None):
         import uvicorn
 
-        from gpt2lab.server import create_app
+        from gpt2lab.server import create_app, uvicorn_config
 
         self.app = create_app(cfg, api_key=api_key)
         self.engine = self.app.state.engine
@@ -247,8 +286,7 @@ class Server:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(self.app, cfg, lifespan="on"))  # as `gpt2lab serve` runs
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> Server:
@@ -408,8 +446,8 @@ BAD = [
     ("n over the limit", {"prompt": "x", "n": 5}, None, 400, "n"),
     ("token id outside the vocab", {"prompt": [1, 257]}, None, 400, "prompt"),
     ("no prompt", {"max_tokens": 3}, None, 400, "prompt"),
-    ("echo unsupported", {"prompt": "x", "echo": True}, None, 400, "echo"),
-    ("logprobs unsupported", {"prompt": "x", "logprobs": 2}, None, 400, "logprobs"),
+    ("suffix unsupported", {"prompt": "x", "suffix": "y"}, None, 400, "suffix"),
+    ("logprobs over 20", {"prompt": "x", "logprobs": 21}, None, 400, "logprobs"),
     ("unknown field", {"prompt": "x", "file": "/etc/passwd"}, None, 400, "file"),
     ("unknown model", {"prompt": "x", "model": "gpt-4"}, None, 404, "model"),
     ("missing API key", {"prompt": "x"}, {}, 401, None),

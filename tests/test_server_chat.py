@@ -90,7 +90,8 @@ def test_chat_bad_input_is_a_400_and_a_model_without_the_template_is_refused(cha
         ({"messages": [{"role": "user"}]}, "content"),
         ({"messages": CHAT, "prompt": "x"}, "prompt"),
         ({"messages": CHAT, "max_tokens": 10_000}, "max_tokens"),
-        ({"messages": CHAT, "logprobs": True}, "logprobs"),
+        ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     ]
     for body, word in cases:
         r = httpx.post(url, json=body, headers=h, timeout=30)
