@@ -168,6 +168,11 @@ def save_pretrained(model: GPT, out_dir: str | Path) -> None:
         )
     if cfg.pos_embedding != "learned":
         raise UserError("cannot export to Hugging Face GPT-2: it has only learned position embeddings")
+    # The speedrun options change the function in ways GPT2LMHeadModel has no setting for.
+    unheld = [f"{f}={getattr(cfg, f)!r}" for f in ("qk_norm", "logit_softcap") if getattr(cfg, f)]
+    unheld += [f"activation={cfg.activation!r}"] if cfg.activation not in ("gelu", "gelu_tanh") else []
+    if unheld:
+        raise UserError(f"cannot export to Hugging Face GPT-2: it has no {', '.join(unheld)}")
     tensors = model_tensors(model)
     if not cfg.bias:  # GPT-2 always has biases; zeros compute exactly the function of no bias
         for name, module in model.named_modules():

@@ -148,6 +148,10 @@ def test_architectures_transformers_cannot_express_refuse_to_export(tmp_path):
     for overrides, what in [
         (dict(norm_position="post"), "pre-LayerNorm"),
         (dict(pos_embedding="sinusoidal"), "learned"),
+        (dict(pos_embedding="rope"), "learned"),
+        (dict(qk_norm=True), "it has no qk_norm=True"),
+        (dict(logit_softcap=30.0), "it has no logit_softcap=30.0"),
+        (dict(activation="relu2"), "it has no activation='relu2'"),
     ]:
         with pytest.raises(UserError, match=what):
             GPT(small_config(**overrides)).save_pretrained(tmp_path)
