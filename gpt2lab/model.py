@@ -69,7 +69,8 @@ def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     sinusoidal_positions: sin at even, cos at odd columns; the same wavelengths as Vaswani's). Channel
     i is paired with i + hs/2 (the GPT-NeoX / Llama layout: two contiguous halves, no interleaving).
     A query at position m and a key at position n then score q·R(n - m)·k: only the distance
-    counts, so a cache, a sliding window or left padding change nothing but which positions are used.
+    counts, so a cache, a sliding window or rows at different lengths change nothing but which
+    positions are used.
     """
     sin, cos = table[..., 0::2], table[..., 1::2]  # (..., T, hs/2) each
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
