@@ -21,6 +21,7 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generate import generate
+from gpt2lab.interop import save_pretrained
 
 HBM_BYTES_PER_S = 4.3e12  # H100/H200-class HBM3 bandwidth, the reference for the batch-1 limit
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         from transformers import GPT2LMHeadModel
 
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
+            save_pretrained(model, tmp)
             hf = GPT2LMHeadModel.from_pretrained(tmp).eval().to(device=device, dtype=dtype)
     model = model.to(device=device, dtype=dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

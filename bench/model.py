@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import randomized  # noqa: E402
 
 from gpt2lab import GPT, GPTConfig  # noqa: E402
+from gpt2lab.interop import save_pretrained
 
 
 def interleaved_medians(fns: dict, repeats: int) -> dict:
@@ -51,7 +52,7 @@ def main() -> None:
 
     ours = randomized(GPT(GPTConfig.preset(args.preset)))
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
+        save_pretrained(ours, d)
         hf = transformers.GPT2LMHeadModel.from_pretrained(d).eval().to(device)
     explicit = GPT(GPTConfig.preset(args.preset, attn_impl="explicit")).eval()
     explicit.load_state_dict(ours.state_dict())

@@ -274,12 +274,20 @@ class BPE:
             explicit_n_vocab=self.vocab_size,
         )
 
-    def save(self, out_dir: str | Path, name: str) -> Path:
-        """Write encoder.json, vocab.bpe, vocab.tiktoken and gpt2lab_tokenizer.json into out_dir."""
+    def gpt2_encoder(self) -> dict[str, int]:
+        """encoder.json's content (Hugging Face's vocab.json): GPT-2's byte->unicode token string -> id."""
         encoder = {_to_gpt2_str(t): i for t, i in sorted(self.ranks.items(), key=lambda x: x[1])}
         encoder.update(self.special_tokens)
-        by_rank = sorted(self.ranks.items(), key=lambda x: x[1])
+        return encoder
+
+    def gpt2_merges(self) -> list[tuple[str, str]]:
+        """The merges as pairs of GPT-2 token strings, in rank order (vocab.bpe / merges.txt lines)."""
         gpt2 = [_to_gpt2_str(t) for t in self._id_to_bytes]
+        return [(gpt2[a], gpt2[b]) for a, b in self.merges()]
+
+    def save(self, out_dir: str | Path, name: str) -> Path:
+        """Write encoder.json, vocab.bpe, vocab.tiktoken and gpt2lab_tokenizer.json into out_dir."""
+        by_rank = sorted(self.ranks.items(), key=lambda x: x[1])
         meta = {
             "kind": "bpe",
             "version": FORMAT_VERSION,
@@ -291,10 +299,8 @@ class BPE:
         return write_tokenizer_dir(
             out_dir,
             {
-                ENCODER_JSON: json.dumps(encoder, ensure_ascii=False),
-                VOCAB_BPE: "".join(
-                    ["#version: 0.2\n", *(f"{gpt2[a]} {gpt2[b]}\n" for a, b in self.merges())]
-                ),
+                ENCODER_JSON: json.dumps(self.gpt2_encoder(), ensure_ascii=False),
+                VOCAB_BPE: "".join(["#version: 0.2\n", *(f"{a} {b}\n" for a, b in self.gpt2_merges())]),
                 TIKTOKEN_FILE: "".join(f"{base64.b64encode(t).decode('ascii')} {i}\n" for t, i in by_rank),
                 META: json.dumps(meta, indent=2) + "\n",
             },
@@ -480,8 +486,6 @@ def load_gpt2_files(encoder_path: str | Path, vocab_bpe_path: str | Path, patter
         raise UserError(f"{encoder_path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{encoder_path}: not valid JSON ({e})") from None
-    if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
-        raise UserError(f"{encoder_path}: expected a JSON object mapping token strings to integer ids")
     try:
         lines = vocab_bpe_path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -496,30 +500,44 @@ def load_gpt2_files(encoder_path: str | Path, vocab_bpe_path: str | Path, patter
         if len(parts) != 2:
             raise UserError(f"{vocab_bpe_path}:{n}: expected two space-separated tokens, got {line[:60]!r}")
         merges.append((parts[0], parts[1]))
+    return gpt2_format_bpe(encoder, merges, str(encoder_path), str(vocab_bpe_path), pattern)
 
+
+def gpt2_format_bpe(
+    encoder: Any,
+    merges: list[tuple[str, str]],
+    source: str,
+    merges_source: str | None = None,
+    pattern: str = GPT2_PATTERN,
+) -> BPE:
+    """A BPE from GPT-2's format in memory: token string -> id (encoder.json, vocab.json) and the merges
+    as pairs of token strings in rank order (vocab.bpe, merges.txt, tokenizer.json's model.merges)."""
+    merges_source = merges_source or source
+    if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
+        raise UserError(f"{source}: expected a JSON object mapping token strings to integer ids")
     inverse = _unicode_to_bytes()
     mergeable = {c for c in inverse} | {a + b for a, b in merges}
     ranks: dict[bytes, int] = {}
     specials: dict[str, int] = {}
     for token, i in encoder.items():
         if token in mergeable:
-            ranks[_from_gpt2_str(token, str(encoder_path))] = i
+            ranks[_from_gpt2_str(token, source)] = i
         else:
             specials[token] = i
     for n, (a, b) in enumerate(merges, 1):
         for part in (a, b, a + b):
             if part not in encoder:
                 raise UserError(
-                    f"{vocab_bpe_path}: merge {n} ({a} {b}): {part!r} is not in {encoder_path.name}"
+                    f"{merges_source}: merge {n} ({a} {b}): {part!r} is not in {Path(source).name}"
                 )
         if not encoder[a + b] > max(encoder[a], encoder[b]):
             raise UserError(
-                f"{vocab_bpe_path}: merge {n} ({a} {b}) has id {encoder[a + b]} not above its parts"
+                f"{merges_source}: merge {n} ({a} {b}) has id {encoder[a + b]} not above its parts"
             )
     merged_ids = [encoder[a + b] for a, b in merges]
     if merged_ids != sorted(merged_ids):
         raise UserError(
-            f"{vocab_bpe_path}: merge ids do not increase with merge order, so ranks are ambiguous"
+            f"{merges_source}: merge ids do not increase with merge order, so ranks are ambiguous"
         )
     return BPE(ranks, specials, pattern, [(encoder[a], encoder[b]) for a, b in merges])
 

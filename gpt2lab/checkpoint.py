@@ -219,32 +219,3 @@ def load_model(ckpt_dir: str | Path, merge: bool = True, **overrides: Any) -> GP
 
         return merged_copy(model)
     return model.eval()
-
-
-def load_any(
-    ckpt: str | Path | None = None,
-    pretrained: str | Path | None = None,
-    device: str = "auto",
-    dtype: torch.dtype = torch.float32,
-) -> tuple[GPT, dict[str, Any] | None]:
-    """The model of --ckpt DIR (a checkpoint or a run directory) or --pretrained NAME_OR_DIR (Hugging
-    Face GPT-2), in eval mode on `device`, and the checkpoint's tokenizer spec (None: GPT-2's own).
-
-    Every command that runs a model loads it here: `gpt2lab eval` directly, `sample`, `chat` and `serve`
-    through generate.load_for_sampling (which adds the tokenizer, an adapter and int8 weights).
-    """
-    from gpt2lab.distributed import pick_device
-
-    if (ckpt is None) == (pretrained is None):
-        raise UserError("give exactly one of --ckpt DIR or --pretrained NAME_OR_DIR")
-    if ckpt is not None:
-        model, spec = load_model(ckpt), read_config(ckpt).get("tokenizer")
-    else:
-        from gpt2lab.pretrained import load_pretrained
-
-        model, spec = load_pretrained(pretrained), None
-    try:
-        model = model.to(device=pick_device(device), dtype=dtype)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"cannot use device {device!r}: {e}") from None
-    return model.eval(), spec

@@ -84,9 +84,19 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from gpt2lab.pretrained import convert
+    from gpt2lab.interop.convert import convert
 
-    print(convert(args.out, ckpt=args.ckpt, pretrained=args.pretrained))
+    print(
+        convert(
+            args.out,
+            ckpt=args.ckpt,
+            pretrained=args.pretrained,
+            adapter=args.adapter,
+            format=args.format,
+            outtype=args.outtype,
+            gpt2_vocab=args.gpt2_vocab,
+        )
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -236,16 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
-        help="Hugging Face GPT-2 <-> gpt2lab checkpoint",
-        description="--pretrained NAME_OR_DIR writes a gpt2lab checkpoint; --ckpt DIR writes a Hugging Face "
-        "GPT-2 directory (loadable by transformers.GPT2LMHeadModel.from_pretrained).",
+        help="export to Hugging Face / GGUF / peft, or import a Hugging Face GPT-2",
+        description="--ckpt DIR writes a complete Hugging Face folder (weights, tokenizer, chat template, "
+        "generation config, model card) that transformers, vLLM and lm-eval load, or with --format gguf a "
+        "GGUF file for llama.cpp; --pretrained NAME_OR_DIR writes a gpt2lab checkpoint; --adapter DIR "
+        "rewrites a LoRA adapter of gpt2lab's old format in peft's. Every result is read back and checked.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="gpt2lab checkpoint directory to export")
+    src.add_argument("--ckpt", help="gpt2lab checkpoint (or run) directory to export")
     src.add_argument(
         "--pretrained", help="Hugging Face GPT-2 directory, or a hub name (gpt2, gpt2-medium, ...)"
     )
-    p.add_argument("--out", required=True, help="output directory")
+    src.add_argument("--adapter", help="LoRA adapter directory in gpt2lab's old format, to rewrite for peft")
+    p.add_argument("--out", required=True, help="output directory (a .gguf file with --format gguf)")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="with --ckpt: hf (default) or gguf")
+    p.add_argument(
+        "--outtype", choices=["f32", "f16", "q8_0"], default="f32", help="GGUF tensor type (default f32)"
+    )
+    p.add_argument("--gpt2-vocab", default=None, metavar="DIR", help="folder with encoder.json + vocab.bpe")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(

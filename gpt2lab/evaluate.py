@@ -494,7 +494,7 @@ def run_loss(
     device: str | None = None,
 ) -> str:
     """`gpt2lab eval loss`: the table to print; the JSON goes to json_out, else next to the checkpoint."""
-    from gpt2lab.checkpoint import load_any
+    from gpt2lab.interop import load_any
 
     device = str(distributed.pick_device(device or "auto"))
     model, _ = load_any(ckpt, pretrained, device)
@@ -525,7 +525,7 @@ def run_hellaswag(
     progress: bool = True,
 ) -> str:
     """`gpt2lab eval hellaswag`: the table to print; JSON to json_out, else next to the checkpoint."""
-    from gpt2lab.checkpoint import load_any
+    from gpt2lab.interop import load_any
     from gpt2lab.tokenizer import model_tokenizer
 
     device = str(distributed.pick_device(device or "auto"))

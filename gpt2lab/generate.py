@@ -355,13 +355,13 @@ def load_for_sampling(
 ) -> tuple[Any, Any]:
     """(model in eval mode on device, tokenizer) for --ckpt or --pretrained, and --adapter put onto it.
 
-    The inference loader of `gpt2lab sample`, `chat` and `serve` (on checkpoint.load_any, as `eval`
+    The inference loader of `gpt2lab sample`, `chat` and `serve` (on interop.load_any, as `eval`
     is); quantize "int8": decoder.quantize_int8 (CPU). A gpt2lab checkpoint whose config.json has
     a "tokenizer" spec uses that tokenizer; Hugging Face GPT-2 weights, and checkpoints converted from
-    them, use GPT-2's own (tokenizer.model_tokenizer). A LoRA adapter (sft.attach_adapter) is merged
+    them, use GPT-2's own (tokenizer.model_tokenizer). A LoRA adapter (interop.peft.attach_adapter) is merged
     into the model and brings its chat template's tokens.
     """
-    from gpt2lab.checkpoint import load_any
+    from gpt2lab.interop import load_any
     from gpt2lab.tokenizer import model_tokenizer
 
     model, spec = load_any(ckpt, pretrained, device, getattr(torch, dtype))
@@ -372,9 +372,9 @@ def load_for_sampling(
             f"vocab_size {model.config.vocab_size}"
         )
     if adapter is not None:
-        from gpt2lab import sft
+        from gpt2lab.interop.peft import attach_adapter
 
-        tokenizer = sft.attach_adapter(model, tokenizer, adapter)
+        tokenizer = attach_adapter(model, tokenizer, adapter)
     if quantize == "int8":
         from gpt2lab.decoder import quantize_int8
 

@@ -8,31 +8,24 @@ and adds `lora_A` / `lora_B` next to them, so checkpoints and Hugging Face names
 B starts at zero: the adapted model starts as exactly the base model. merge_lora folds B A (scaled)
 into the base weight (inference costs nothing extra); unmerge_lora takes it out again.
 
-An adapter directory holds only what training changed: adapter.safetensors (every lora_A / lora_B,
-and the rows of wte that belong to tokens fine-tuning added, e.g. the chat template's) and
-adapter_config.json (rank, alpha, targets, dropout, those tokens, the base architecture). It loads
-onto a base model of the same architecture only; anything else is a one-line UserError.
+Adapter files (peft's format, so adapters move between gpt2lab, peft and vLLM) are written and read
+by gpt2lab/interop/peft.py; this module is the math only and imports nothing but the model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gpt2lab.atomic import atomic_write, read_json, write_json
 from gpt2lab.config import closest
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FORMAT = "gpt2lab-lora-adapter"
 TARGETABLE = ("c_attn", "c_proj", "c_fc")  # the Linear layers inside blocks; lm_head is wte (tied)
 
 
@@ -215,59 +208,9 @@ def merged_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 def merged_copy(model: GPT) -> GPT:
     """A plain GPT (no LoRA modules) computing what the adapted model computes, in eval mode."""
-    from gpt2lab.checkpoint import copy_weights
-
     plain = GPT(model.config)
-    copy_weights(plain, merged_state_dict(model), "the merged LoRA model")
+    plain.load_state_dict(merged_state_dict(model))  # the same names, by construction
     return plain.eval()
-
-
-# --- adapter files ------------------------------------------------------------------------------
-
-ARCH_FIELDS = (
-    "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_inner", "bias", "tie_weights",
-    "pos_embedding", "norm_position", "activation",
-)  # fmt: skip
-
-
-def save_adapter(model: GPT, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write out_dir/adapter.safetensors + adapter_config.json (each file replaced atomically).
-
-    extra: recorded in the config, e.g. {"base": source, "template_tokens": {token: id}, "tokenizer": spec};
-    the template tokens' wte rows (they train with the adapters) are stored as `token_rows`.
-    """
-    from safetensors.torch import save_file
-
-    tensors = lora_state_dict(model)
-    extra = dict(extra or {})
-    added = extra.get("template_tokens") or {}
-    if added:
-        ids = sorted(added.values())
-        tensors["token_rows"] = model.transformer.wte.weight[ids[0] : ids[-1] + 1].detach().cpu().contiguous()
-        extra["token_rows_start"] = ids[0]
-    config = {"format": ADAPTER_FORMAT, "version": 1, **lora_settings(model), "model": model.config.to_dict()}
-    config.update(extra)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    write_json(out / ADAPTER_CONFIG, config)
-    return out
-
-
-def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    config = read_json(path, f"{adapter_dir} is not a LoRA adapter directory: no {ADAPTER_CONFIG}")
-    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
-        raise UserError(f"{path} is not a gpt2lab LoRA adapter config (format is not {ADAPTER_FORMAT!r})")
-    return config
-
-
-def check_architecture(model: GPT, expected: dict[str, Any], source: str) -> None:
-    """UserError naming every architecture field in which the model differs from `expected`."""
-    have = model.config.to_dict()
-    diff = [f"{k} {expected.get(k)!r} vs {have[k]!r}" for k in ARCH_FIELDS if expected.get(k) != have[k]]
-    if diff:
-        raise UserError(f"{source} was trained on another base architecture ({', '.join(diff)})")
 
 
 def apply_lora_settings(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
@@ -277,23 +220,3 @@ def apply_lora_settings(model: nn.Module, settings: dict[str, Any]) -> nn.Module
         return apply_lora(
             model, settings["targets"], settings["rank"], settings["alpha"], settings["dropout"]
         )
-
-
-def load_adapter(model: GPT, adapter_dir: str | Path) -> GPT:
-    """Put a saved adapter onto a base model (its added tokens already in place: sft.add_template_tokens),
-    merged into the weights. The base must have the adapter's architecture."""
-    from gpt2lab.checkpoint import copy_weights, read_safetensors
-
-    config = read_adapter_config(adapter_dir)
-    check_architecture(model, config["model"], f"adapter {adapter_dir}")
-    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
-    tensors = read_safetensors(weights)
-    rows = tensors.pop("token_rows", None)
-    apply_lora_settings(model, config)
-    names = [k for k in model.state_dict() if k.endswith((".lora_A", ".lora_B"))]
-    copy_weights(model, tensors, str(weights), names=names)
-    if rows is not None:
-        start = config["token_rows_start"]
-        with torch.no_grad():
-            model.transformer.wte.weight[start : start + rows.shape[0]] = rows
-    return merge_lora(model)

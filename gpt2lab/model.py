@@ -2,7 +2,7 @@
 
 Shapes: B batch, T new tokens, S = past + T keys, C = n_embd, nh = n_head, hs = C // nh, V vocab.
 Parameter names are GPT-2's own (wte, wpe, h.N.ln_1, attn.c_attn, ...), so OpenAI's weights load
-as a plain copy (see pretrained.py). Single device, no parallelism, no autocast: train.py adds those.
+as a plain copy (gpt2lab/interop/hf.py). Single device, no parallelism, no autocast: train.py adds those.
 
 Architecture options (GPTConfig; each off by default, so the model is GPT-2 unless asked), the ones
 the NanoGPT speedrun (modded-nanogpt, Jordan et al. 2024) uses to reach GPT-2's loss on far fewer
@@ -14,7 +14,6 @@ zero-initialised output projections (zero_init), an untied head (tie_weights=Fal
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -317,18 +316,3 @@ class GPT(nn.Module):
     def mfu(self, tokens_per_second: float, peak_flops: float, seq_len: int | None = None) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the peak (e.g. 989e12: H100 dense bf16)."""
         return tokens_per_second * self.flops_per_token(seq_len) / peak_flops
-
-    # --- Hugging Face interop (pretrained.py does the work) ----------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str | Path) -> GPT:
-        """Load a GPT-2 in Hugging Face layout from a directory, or from the hub by name ("gpt2", ...)."""
-        from gpt2lab.pretrained import load_pretrained
-
-        return load_pretrained(name_or_dir)
-
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads to the same function."""
-        from gpt2lab.pretrained import save_pretrained
-
-        save_pretrained(self, out_dir)

@@ -107,24 +107,6 @@ def chat_stop_ids(tok: Tokenizer) -> list[int]:
     return [template_id(tok, END), tok.eot_id]
 
 
-def attach_adapter(model: GPT, tok: Tokenizer, adapter_dir: str | Path) -> Tokenizer:
-    """Put a LoRA adapter (with its template tokens' rows) onto its base model, merged; the tokenizer
-    with the template tokens. UserError when the base is not the adapter's (architecture, tokens)."""
-    from gpt2lab import lora
-
-    config = lora.read_adapter_config(adapter_dir)
-    expected = config.get("template_tokens") or {}
-    if expected:
-        tok, _ = add_template_tokens(model, tok, config.get("pad_vocab_multiple", 64))
-        have = {t: tok.special_tokens.get(t) for t in expected}
-        if have != expected:
-            raise UserError(
-                f"adapter {adapter_dir} has template tokens {expected}; this base gives them {have}"
-            )
-    lora.load_adapter(model, adapter_dir)
-    return tok
-
-
 # --- rendering ------------------------------------------------------------------------------------
 
 

@@ -415,11 +415,9 @@ def find_gpt2_vocab(vocab_dir: str | Path | None = None) -> tuple[Path, Path]:
 def model_tokenizer(
     spec: dict[str, Any] | None, gpt2_vocab: str | Path | None = None, model_dir: str | Path | None = None
 ) -> Tokenizer:
-    """The tokenizer of a loaded model: its checkpoint's spec, else GPT-2's own vocabulary, read from
-    gpt2_vocab, else from the vocab.json + merges.txt a Hugging Face GPT-2 directory (model_dir)
-    carries beside its weights, else from the cache (or downloaded into it)."""
-    if spec is not None:
-        return get_tokenizer(spec, vocab_dir=gpt2_vocab)
+    """The tokenizer of a loaded model: its spec (a checkpoint's, or a Hugging Face folder's), else GPT-2's
+    own vocabulary. GPT-2's files are read from gpt2_vocab, else from the vocab.json + merges.txt a
+    Hugging Face directory (model_dir) carries beside its weights, else from the cache (or downloaded)."""
     if (
         gpt2_vocab is None
         and model_dir is not None
@@ -427,6 +425,8 @@ def model_tokenizer(
         and _gpt2_pair(Path(model_dir))
     ):
         gpt2_vocab = model_dir
+    if spec is not None:
+        return get_tokenizer(spec, vocab_dir=gpt2_vocab)
     return get_tokenizer("gpt2", vocab_dir=gpt2_vocab)
 
 

@@ -93,9 +93,9 @@ def load_init(cfg: TrainConfig) -> tuple[GPT, dict[str, Any] | None]:
     overrides = {k: v for k, v in cfg.model.items() if k == "dropout"}
     if ckpt.is_checkpoint(cfg.init_from):
         return ckpt.load_model(cfg.init_from, **overrides), ckpt.read_config(cfg.init_from).get("tokenizer")
-    from gpt2lab.pretrained import load_pretrained
+    from gpt2lab.interop.hf import load_pretrained, pretrained_tokenizer
 
-    return load_pretrained(cfg.init_from, **overrides), None
+    return load_pretrained(cfg.init_from, **overrides), pretrained_tokenizer(cfg.init_from)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -594,15 +594,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     for s, handler in previous_handlers.items():
         signal.signal(s, handler)
     if lora_config is not None and dist.is_main:
-        adapter_extra = {
-            "base": cfg.init_from,
-            "template_tokens": template_tokens,
-            "pad_vocab_multiple": cfg.pad_vocab_multiple,
-            "tokenizer": tokenizer_spec,
-            "step": step,
-        }
-        path = lora.save_adapter(raw, out_dir / "adapter", adapter_extra)
-        size = (path / lora.ADAPTER_WEIGHTS).stat().st_size
+        from gpt2lab.interop import peft
+
+        path = peft.save_adapter(
+            raw,
+            out_dir / "adapter",
+            base=cfg.init_from,
+            tokenizer=tok,
+            template_tokens=template_tokens,
+            extra={"pad_vocab_multiple": cfg.pad_vocab_multiple, "tokenizer": tokenizer_spec, "step": step},
+        )
+        size = (path / peft.WEIGHTS).stat().st_size
         print0(f"adapter: {path} ({size / 1e6:.2f} MB)")
         if cfg.merge:
             merged = ckpt.save_checkpoint(

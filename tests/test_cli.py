@@ -8,6 +8,7 @@ from conftest import randomized, small_config
 from gpt2lab import GPT
 from gpt2lab.checkpoint import save_checkpoint
 from gpt2lab.cli import main
+from gpt2lab.tokenizer import ByteTokenizer
 
 
 def test_info_for_gpt2(capsys):
@@ -35,12 +36,12 @@ def test_bad_config_is_one_line_exit_2(capsys):
 
 def test_convert_round_trip_on_the_command_line(tmp_path, capsys):
     pytest.importorskip("transformers")
-    model = randomized(GPT(small_config()))
-    save_checkpoint(tmp_path / "ckpt", model)
+    model = randomized(GPT(small_config(vocab_size=320)))
+    save_checkpoint(tmp_path / "ckpt", model, extra={"tokenizer": ByteTokenizer().to_spec()})
     assert main(["convert", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
     assert main(["convert", "--pretrained", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     out = capsys.readouterr().out
-    assert out.count("reloaded logits identical") == 2
+    assert "read back: identical logits and token ids" in out and "reloaded logits identical" in out
     assert main(["convert", "--pretrained", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "is neither a directory nor one of the hub models" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

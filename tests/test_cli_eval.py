@@ -12,6 +12,7 @@ from gpt2lab import GPT
 from gpt2lab.checkpoint import save_checkpoint
 from gpt2lab.cli import main
 from gpt2lab.evaluate import evaluate_loss, hellaswag, load_hellaswag
+from gpt2lab.interop import save_pretrained
 from gpt2lab.tokenizer import get_tokenizer
 
 SUBSET = "hellaswag/hellaswag_val_subset1000.jsonl"
@@ -54,7 +55,7 @@ def test_eval_loss_vocab_mismatch_is_one_line(tmp_path, capsys):
 def test_eval_hellaswag_pretrained(tmp_path, shared_data, capsys):
     pytest.importorskip("transformers")
     model = randomized(GPT(small_config(vocab_size=50257, block_size=256)))
-    model.save_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "hf")
     args = ["eval", "hellaswag", "--pretrained", str(tmp_path / "hf"), "--data", str(shared_data / SUBSET)]
     args += ["--gpt2-vocab", str(shared_data / "gpt2"), "--limit", "6", "--batch-size", "4"]
     assert main([*args, "--json", str(tmp_path / "out.json")]) == 0

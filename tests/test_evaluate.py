@@ -15,6 +15,7 @@ from conftest import randomized, small_config
 from gpt2lab import GPT
 from gpt2lab.errors import UserError
 from gpt2lab.evaluate import evaluate_loss, hellaswag, load_hellaswag
+from gpt2lab.interop import save_pretrained
 
 SUBSET = "hellaswag/hellaswag_val_subset1000.jsonl"
 
@@ -102,7 +103,7 @@ def test_hellaswag_matches_transformers(shared_data, tiktoken_reference, tmp_pat
     tok = get_tokenizer("gpt2", vocab_dir=shared_data / "gpt2")
     ours = hellaswag(model, tok, load_hellaswag(subset_path(), limit=200), batch_size=16)
     assert ours["n"] == 200
-    model.save_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     records = [json.loads(line) for line in (shared_data / SUBSET).read_text().splitlines()[:200]]
     for rec, got in zip(records, ours["predictions"], strict=True):

@@ -26,7 +26,8 @@ from gpt2lab.checkpoint import load_model, read_config, resolve, save_checkpoint
 from gpt2lab.cli import main
 from gpt2lab.config import ChatConfig
 from gpt2lab.generate import generate
-from gpt2lab.lora import ADAPTER_WEIGHTS
+from gpt2lab.interop.peft import WEIGHTS as ADAPTER_WEIGHTS
+from gpt2lab.interop.peft import attach_adapter
 from gpt2lab.tokenizer import CharTokenizer, get_tokenizer
 
 LETTERS = "abcdef"
@@ -139,15 +140,16 @@ def test_lora_learns_the_chat_format_and_chat_uses_it(base, tmp_path, capsys):
     merged, _ = model_and_tok(out / "merged")
     assert "lora" not in read_config(out / "merged")
     base_model, base_tok = model_and_tok(base)
-    adapted_tok = sft.attach_adapter(base_model, base_tok, out / "adapter")
+    adapted_tok = attach_adapter(base_model, base_tok, out / "adapter")
     idx = torch.tensor([sft.render_chat(tok, [{"role": "user", "content": "abcde"}])])
     with torch.no_grad():
         assert (merged(idx) - model(idx)).abs().max() <= 1e-5
         assert (base_model(idx) - model(idx)).abs().max() <= 1e-5
     assert adapted_tok.to_spec() == tok.to_spec()
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert adapter_config["targets"] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-    assert adapter_config["rank"] == 8 and adapter_config["alpha"] == 16
+    assert adapter_config["peft_type"] == "LORA"  # peft's format (tests/test_interop_peft.py loads it)
+    assert adapter_config["target_modules"] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 16
     assert (out / "adapter" / ADAPTER_WEIGHTS).stat().st_size < 100_000
 
     # gpt2lab chat: multi-turn, /reset, /quit; both from the run and from base + adapter.

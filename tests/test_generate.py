@@ -25,6 +25,7 @@ from gpt2lab.generate import (
     stream,
     stream_text,
 )
+from gpt2lab.interop import save_pretrained
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ATOL = 1e-5
@@ -122,7 +123,7 @@ def test_kv_cache_is_written_in_place_and_refuses_to_overflow():
 def test_greedy_is_token_identical_to_transformers(tmp_path, prompts):
     transformers = pytest.importorskip("transformers")
     model = small_model(block_size=64)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     n = 40
     ours = generate(model, prompts, n, temperature=0, eot_id=None)

@@ -8,14 +8,14 @@ from conftest import randomized, small_config
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.errors import UserError
+from gpt2lab.interop import load_pretrained
+from gpt2lab.interop.peft import load_adapter, save_adapter
 from gpt2lab.lora import (
     LoRALinear,
     apply_lora,
-    load_adapter,
     lora_state_dict,
     merge_lora,
     merged_copy,
-    save_adapter,
     trainable_fraction,
     unmerge_lora,
 )
@@ -42,7 +42,7 @@ def test_lora_forward_equals_peft(tmp_path, targets):
         for p in hf.parameters():
             p.add_(0.05 * torch.randn_like(p))
     hf.save_pretrained(tmp_path / "hf")
-    ours = GPT.from_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
     apply_lora(ours, targets, rank=8, alpha=16)
     ours.eval()
     # GPT-2's Conv1D stores weights (in, out): peft needs fan_in_fan_out=True; its lora_A/lora_B are
@@ -103,7 +103,7 @@ def test_gpt2_124m_trainable_fraction_and_adapter_size(tmp_path, capsys):
     print(f"GPT-2 124M, LoRA r=8 on c_attn: {n_train:,} of {n_all:,} parameters ({n_train / n_all:.2%})")
     assert 0.0023 < n_train / n_all < 0.0025  # ~0.24%
     save_adapter(model, tmp_path / "adapter")
-    size = (tmp_path / "adapter" / "adapter.safetensors").stat().st_size
+    size = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
     assert size < 2 * 1024 * 1024, size  # 294,912 fp32 numbers: 1.18 MB
     assert "0.24%" in capsys.readouterr().out
 

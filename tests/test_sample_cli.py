@@ -17,6 +17,7 @@ from test_generate import gpt2_tiktoken, small_model
 from gpt2lab.cli import main
 from gpt2lab.config import SampleConfig
 from gpt2lab.generate import generate, run
+from gpt2lab.interop import save_pretrained
 
 
 class StandInTokenizer:
@@ -43,7 +44,7 @@ class StandInTokenizer:
 def gpt2_dir(tmp_path):
     """A tiny random GPT-2 with GPT-2's vocabulary, saved in Hugging Face's layout."""
     model = small_model(vocab_size=50257, n_embd=32, n_head=2, n_layer=1, block_size=64)
-    model.save_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "hf")
     return tmp_path / "hf", model
 
 

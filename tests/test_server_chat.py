@@ -13,6 +13,7 @@ from test_server import KEY, Server, serve_cfg, tiny_byte_model
 
 from gpt2lab import lora, sft
 from gpt2lab.checkpoint import save_checkpoint
+from gpt2lab.interop.peft import save_adapter
 from gpt2lab.server import load
 from gpt2lab.tokenizer import ByteTokenizer
 
@@ -114,10 +115,10 @@ def test_serve_puts_a_lora_adapter_onto_its_base(tmp_path, byte_ckpt):
     torch.manual_seed(1)
     for layer in lora.lora_layers(base).values():
         torch.nn.init.normal_(layer.lora_B, std=0.5)  # a non-zero update (B starts at zero)
-    lora.save_adapter(
+    save_adapter(
         base,
         tmp_path / "adapter",
-        {"template_tokens": {t: tok.special_tokens[t] for t in sft.TEMPLATE_TOKENS}},
+        template_tokens={t: tok.special_tokens[t] for t in sft.TEMPLATE_TOKENS},
     )
     model, served_tok = load(serve_cfg(byte_ckpt, adapter=str(tmp_path / "adapter")))
     assert served_tok.special_tokens[sft.END] == tok.special_tokens[sft.END]

@@ -22,6 +22,7 @@ from test_server_chat import CHAT, chat_ckpt  # noqa: F401
 from gpt2lab import sft
 from gpt2lab.checkpoint import save_checkpoint
 from gpt2lab.evaluate import hellaswag, load_hellaswag
+from gpt2lab.interop import save_pretrained
 from gpt2lab.tokenizer import CharTokenizer, get_tokenizer
 
 GPT2_VOCAB = SHARED_DATA / "gpt2"
@@ -39,7 +40,7 @@ def gpt2_dir(tmp_path_factory):
     need(GPT2_VOCAB)
     model = small_model(vocab_size=50257, n_embd=32, n_head=2, n_layer=2, block_size=256, seed=3)
     path = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     return path, model
 
 
