@@ -16,6 +16,9 @@ and sampled with a fixed seed.
 Resumable: results go to WORK/results.jsonl, one line per finished run, and a rerun skips the runs
 that are there (delete the file to start over). Every run records the load average before and
 after it: on a shared machine, read absolute times with that in mind, and trust ratios more.
+Every run also records the CPU seconds its process used (all its threads; at each val line from
+/proc on Linux, and in total): with --threads 1, CPU time is about the wall time the run would take
+on an idle core, whatever else the machine runs, so the CPU columns are the load-proof comparison.
 """
 
 from __future__ import annotations
@@ -59,11 +62,23 @@ SHAKESPEARE_ABLATIONS = [
 ]
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads, and its finished children) of a running process; None
+    where /proc does not exist."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # after the ")" that ends the command name: utime, stime, cutime, cstime are fields 12-15 (man 5 proc)
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def run_train(
     recipe: str, flags: list[str], out: Path, env: dict[str, str], cap_s: float | None = None
 ) -> dict:
     # (cap_s: stop the run with SIGTERM after this many seconds; train.py then saves and exits)
-    """One `gpt2lab train` process; timestamps of its val-loss lines (seconds since launch) and totals."""
+    """One `gpt2lab train` process: the wall and CPU seconds since launch at each of its val-loss lines
+    (vals: (wall_s, step, val, cpu_s)), and totals."""
     cmd = [sys.executable, "-m", "gpt2lab", "train", "--recipe", recipe, "--out-dir", str(out), *flags]
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -74,19 +89,21 @@ def run_train(
         now = time.perf_counter() - t0
         lines.append(line)
         if m := VAL_LINE.search(line):
-            vals.append((now, int(m.group(1)), float(m.group(2))))
+            vals.append((now, int(m.group(1)), float(m.group(2)), cpu_seconds(proc.pid)))
         if m := DONE_LINE.search(line):
             steps, median_ms = int(m.group(1)), float(m.group(2))
         if cap_s is not None and now > cap_s and not capped:
             proc.send_signal(signal.SIGTERM)  # train.py finishes the step, saves and exits
             capped = True
-    rc = proc.wait()
+    _, status, usage = os.wait4(proc.pid, 0)  # as proc.wait(), and the child's CPU time
+    proc.returncode = rc = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({rc}):\n{''.join(lines[-30:])}")
     return {
         "vals": vals,
         "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
         "median_step_ms": median_ms,
         "steps": steps,
         "capped": capped,
@@ -152,7 +169,7 @@ def shakespeare(args: argparse.Namespace, env: dict[str, str]) -> None:
             out = work / "runs" / f"shakespeare-r{rnd}-{re.sub(r'[^a-z0-9]+', '-', label.lower())}"
             flags = ["--data", str(data), *flags, *args.train_flags.split()]
             r = run_train(recipe, flags, out, {**env, **extra_env})
-            reached = next((t for t, _, v in r["vals"] if v <= args.target), None)
+            hit = next(((t, cpu) for t, _, v, cpu in r["vals"] if v <= args.target), (None, None))
             record = {
                 "task": "shakespeare",
                 "round": rnd,
@@ -160,16 +177,24 @@ def shakespeare(args: argparse.Namespace, env: dict[str, str]) -> None:
                 "recipe": recipe,
                 "flags": flags,
                 "target": args.target,
-                "time_to_target_s": reached,
+                "time_to_target_s": hit[0],
+                "cpu_to_target_s": hit[1],
                 "final_val": r["vals"][-1][2] if r["vals"] else None,
                 "final_val_s": r["vals"][-1][0] if r["vals"] else None,
-                **{k: r[k] for k in ("wall_s", "median_step_ms", "steps", "load_before", "load_after")},
+                "final_val_cpu_s": r["vals"][-1][3] if r["vals"] else None,
+                **{
+                    k: r[k]
+                    for k in ("wall_s", "cpu_s", "median_step_ms", "steps", "load_before", "load_after")
+                },
                 **machine(),
                 **({"threads": extra_env["OMP_NUM_THREADS"]} if extra_env else {}),
             }
             append_result(results_path, record)
-            ttt = "not reached" if reached is None else f"{reached:.1f} s"
-            print(f"round {rnd} {label}: {ttt}, final val {record['final_val']}, wall {r['wall_s']:.1f} s")
+            ttt = "not reached" if hit[0] is None else f"{hit[0]:.1f} s"
+            print(
+                f"round {rnd} {label}: {ttt}, final val {record['final_val']}, wall {r['wall_s']:.1f} s, "
+                f"CPU {r['cpu_s']:.1f} s, load {r['load_before']:.1f}-{r['load_after']:.1f}"
+            )
     print(shakespeare_report(load_results(results_path), args.target))
 
 
@@ -180,28 +205,49 @@ def shakespeare_report(results: list[dict], target: float) -> str:
     labels = list(dict.fromkeys(r["label"] for r in results))
     base = "shakespeare-char (baseline)"
     by_round = {(r["round"], r["label"]): r for r in results}
+
+    def to_target(r: dict, clock: str) -> float | None:
+        # clock "time" (wall) or "cpu"; a run that never reaches the target counts at its final evaluation
+        # (so a ratio against a baseline that stopped short is an upper bound: it needs at least that)
+        hit = r.get(f"{clock}_to_target_s")
+        return hit if hit is not None else r.get("final_val_s" if clock == "time" else "final_val_cpu_s")
+
+    def ratio(label: str, clock: str) -> str:
+        ratios = []
+        for r in results:
+            b = by_round.get((r["round"], base))
+            if r["label"] != label or b is None or r.get(f"{clock}_to_target_s") is None:
+                continue
+            if (b_t := to_target(b, clock)) is not None:
+                ratios.append(r[f"{clock}_to_target_s"] / b_t)
+        return f"{statistics.median(ratios):.2f}x" if ratios and label != base else "-"
+
+    def median(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    def secs(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f} s"
+
     rows = [
-        f"Time to exact val <= {target} (whole val split), `gpt2lab train --recipe ...` as a user runs it:",
+        f"Time to exact val <= {target} (whole val split), `gpt2lab train --recipe ...` as a user runs it; "
+        "wall and CPU seconds from the launch of the process (medians over rounds; ratios: median of "
+        "the per-round ratios to the baseline):",
         "",
-        "| run | rounds | reached | time to target (median) | vs baseline (median of per-round ratios) "
+        "| run | rounds | reached | wall to target | vs baseline (wall) | CPU to target | vs baseline (CPU) "
         "| final val (mean) | wall (median) | step ms (median) | load avg (min-max) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label in labels:
         rs = [r for r in results if r["label"] == label]
-        times = [r["time_to_target_s"] for r in rs if r["time_to_target_s"] is not None]
-        ratios = []
-        for r in rs:
-            b = by_round.get((r["round"], base))
-            if b is None or r["time_to_target_s"] is None:
-                continue
-            # a baseline that never reaches the target is compared at its end (its time to its final val)
-            ratios.append(r["time_to_target_s"] / (b["time_to_target_s"] or b["final_val_s"]))
+        reached = [r for r in rs if r["time_to_target_s"] is not None]
         loads = [x for r in rs for x in (r["load_before"], r["load_after"])]
         rows.append(
-            f"| {label} | {len(rs)} | {len(times)}/{len(rs)} | "
-            f"{f'{statistics.median(times):.1f} s' if times else 'not reached'} | "
-            f"{f'{statistics.median(ratios):.2f}x' if ratios and label != base else '-'} | "
+            f"| {label} | {len(rs)} | {len(reached)}/{len(rs)} | "
+            f"{secs(median([r['time_to_target_s'] for r in reached])) if reached else 'not reached'} | "
+            f"{ratio(label, 'time')} | "
+            f"{secs(median([r.get('cpu_to_target_s') for r in reached])) if reached else 'not reached'} | "
+            f"{ratio(label, 'cpu')} | "
             f"{statistics.mean(r['final_val'] for r in rs):.4f} | "
             f"{statistics.median(r['wall_s'] for r in rs):.1f} s | "
             f"{statistics.median(r['median_step_ms'] for r in rs):.1f} | {min(loads):.1f}-{max(loads):.1f} |"
@@ -210,7 +256,8 @@ def shakespeare_report(results: list[dict], target: float) -> str:
     if missed:
         rows += [
             "",
-            f"The baseline ended above the target in {len(missed)} of its rounds (final val "
+            f"The baseline ended above the target in {len(missed)} of its "
+            f"{sum(r['label'] == base for r in results)} rounds (final val "
             + ", ".join(f"{r['final_val']:.4f}" for r in missed)
             + "); there the ratio is taken against the time of its final evaluation, when it stopped: "
             "the time it needs is at least that.",
@@ -306,14 +353,22 @@ def tinystories(args: argparse.Namespace, env: dict[str, str]) -> None:
                 "sample": sample.strip(),
                 **{
                     k: r[k]
-                    for k in ("wall_s", "median_step_ms", "steps", "capped", "load_before", "load_after")
+                    for k in (
+                        "wall_s",
+                        "cpu_s",
+                        "median_step_ms",
+                        "steps",
+                        "capped",
+                        "load_before",
+                        "load_after",
+                    )
                 },
                 **machine(),
             }
             append_result(results_path, record)
             print(
-                f"round {rnd} {label}: {r['steps']} steps, {r['wall_s']:.0f} s, "
-                f"bits/byte {record['bits_per_byte']:.4f}"
+                f"round {rnd} {label}: {r['steps']} steps, {r['wall_s']:.0f} s (CPU {r['cpu_s']:.0f} s), "
+                f"bits/byte {record['bits_per_byte']:.4f}, load {r['load_before']:.1f}-{r['load_after']:.1f}"
             )
     print(tinystories_report(load_results(results_path)))
 
@@ -329,9 +384,9 @@ def tinystories_report(results: list[dict]) -> str:
         + ("; the two recipes side by side, one thread each" if results[0].get("side_by_side") else "")
         + "), bits per byte over the whole val split:",
         "",
-        "| run | rounds | steps (median) | wall (median) | val bits/byte (mean) | vs baseline "
+        "| run | rounds | steps (median) | wall (median) | CPU (median) | val bits/byte (mean) | vs baseline "
         "| val loss (mean) | load avg (min-max) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label in dict.fromkeys(r["label"] for r in results):
         rs = [r for r in results if r["label"] == label]
@@ -344,6 +399,7 @@ def tinystories_report(results: list[dict]) -> str:
         rows.append(
             f"| {label} | {len(rs)} | {statistics.median(r['steps'] for r in rs):.0f} | "
             f"{statistics.median(r['wall_s'] for r in rs):.0f} s | "
+            f"{statistics.median(r.get('cpu_s', float('nan')) for r in rs):.0f} s | "
             f"{statistics.mean(r['bits_per_byte'] for r in rs):.4f} | "
             f"{f'{statistics.mean(ratios) - 1:+.1%}' if label != base and ratios else '-'} | "
             f"{statistics.mean(r['val_loss'] for r in rs):.4f} | {min(loads):.1f}-{max(loads):.1f} |"
