@@ -101,12 +101,17 @@ class GPTConfig:
     dropout: float = 0.0  # embeddings, attention weights and residual branches
     bias: bool = True  # biases in Linear and LayerNorm layers; GPT-2 has them
     tie_weights: bool = True  # lm_head shares wte's matrix, as GPT-2
-    pos_embedding: Literal["learned", "sinusoidal"] = "learned"
+    pos_embedding: Literal["learned", "sinusoidal", "rope"] = "learned"  # rope: rotary, in attention
     norm_position: Literal["pre", "post"] = "pre"  # pre-LN (GPT-2) or post-LN (Vaswani et al. 2017)
     attn_impl: Literal["sdpa", "explicit"] = "sdpa"  # fused kernel, or softmax(QK^T/sqrt(d))V spelled out
-    activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"  # GPT-2's tanh approximation, or exact erf GELU
+    activation: Literal["gelu_tanh", "gelu", "relu2"] = "gelu_tanh"  # GPT-2's tanh GELU, erf GELU, relu(x)^2
     layer_norm_epsilon: float = 1e-5  # GPT-2's value
     init_std: float = 0.02  # GPT-2: weights ~ N(0, 0.02)
+    # Speedrun options (model.py's docstring; off by default, so the model is GPT-2):
+    rope_base: float = 10000.0  # rotary positions: the base of the wavelengths (Su et al. 2021)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    zero_init: bool = False  # attn/mlp output projections (and an untied lm_head) start at zero
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2); 0 = off
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -125,23 +130,27 @@ class GPTConfig:
             raise UserError(f"GPTConfig.n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("layer_norm_epsilon", "init_std"):
+        for name in ("layer_norm_epsilon", "init_std", "rope_base"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise UserError(f"GPTConfig.{name} must be a positive number, got {value!r}")
-        for name in ("bias", "tie_weights"):
+        if not isinstance(self.logit_softcap, (int, float)) or self.logit_softcap < 0:
+            raise UserError(f"GPTConfig.logit_softcap must be >= 0 (0 = off), got {self.logit_softcap!r}")
+        for name in ("bias", "tie_weights", "qk_norm", "zero_init"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         for name, allowed in (
-            ("pos_embedding", ("learned", "sinusoidal")),
+            ("pos_embedding", ("learned", "sinusoidal", "rope")),
             ("norm_position", ("pre", "post")),
             ("attn_impl", ("sdpa", "explicit")),
-            ("activation", ("gelu_tanh", "gelu")),
+            ("activation", ("gelu_tanh", "gelu", "relu2")),
         ):
             if getattr(self, name) not in allowed:
                 raise UserError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.pos_embedding == "sinusoidal" and self.n_embd % 2 != 0:
             raise UserError(f"GPTConfig.n_embd {self.n_embd} must be even for sinusoidal positions")
+        if self.pos_embedding == "rope" and self.head_size % 2 != 0:
+            raise UserError(f"GPTConfig head size {self.head_size} (n_embd / n_head) must be even for rope")
         check_fields(self)  # what the checks above leave: floats that are inf
 
     @property
@@ -449,6 +458,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it as learning_rate)
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum (modded-nanogpt)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
     loader_mode: Literal["random", "sequential"] = "random"
     # "stream": windows of consecutive tokens anywhere in the split, across documents (GPT-2's way);
@@ -505,6 +517,10 @@ class TrainConfig:
             raise UserError(
                 f"beta1 and beta2 must be in [0, 1) and eps > 0, got {self.beta1}, {self.beta2}, {self.eps}"
             )
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
+            raise UserError(
+                f"muon_lr must be > 0 and muon_momentum in [0, 1), got {self.muon_lr}, {self.muon_momentum}"
+            )
         if not 0 <= self.wsd_decay_fraction <= 1:
             raise UserError(f"wsd_decay_fraction must be in [0, 1], got {self.wsd_decay_fraction}")
         if self.lora_rank <= 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
@@ -524,6 +540,7 @@ class TrainConfig:
             raise UserError("--resume continues the run in out_dir and --overwrite deletes it: give one")
         for name, allowed in (
             ("method", ("full", "lora")),
+            ("optimizer", ("adamw", "muon")),
             ("lr_schedule", ("cosine", "constant", "wsd")),
             ("loader_mode", ("random", "sequential")),
             ("windows", ("stream", "document")),

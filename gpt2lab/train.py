@@ -53,6 +53,7 @@ from gpt2lab.interop import peft
 from gpt2lab.interop.hf import load_pretrained, pretrained_tokenizer
 from gpt2lab.ladder import build_model
 from gpt2lab.model import GPT
+from gpt2lab.muon import Muon, muon_param_groups
 from gpt2lab.sft import SFTData
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU (vendor data sheets; SXM parts). Override: --peak-flops.
@@ -82,10 +83,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.learning_rate - min_lr)
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the parameters that train; weight decay on matrices (2-D: linear weights, embeddings)
     only, not biases or LayerNorms, nor a matrix of which only some rows train (lora.train_token_rows:
-    decay would move the frozen rows)."""
+    decay would move the frozen rows). --optimizer muon: Muon for the blocks' matrices (muon.py)."""
+    if cfg.optimizer == "muon":
+        groups = muon_param_groups(model, cfg.weight_decay, lr_scale=cfg.muon_lr / cfg.learning_rate)
+        betas = (cfg.beta1, cfg.beta2)
+        return Muon(groups, cfg.learning_rate, betas, cfg.eps, momentum=cfg.muon_momentum)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p.dim() >= 2 and not hasattr(p, "trainable_rows") for p in params]
     groups = [

@@ -17,7 +17,12 @@ from gpt2lab.errors import UserError
         (dict(layer_norm_epsilon=0), "layer_norm_epsilon must be a positive number, got 0"),
         (dict(bias="yes"), "bias must be true or false, got 'yes'"),
         (dict(norm_position="middle"), "norm_position must be one of ('pre', 'post'), got 'middle'"),
-        (dict(pos_embedding="rope"), "pos_embedding must be one of ('learned', 'sinusoidal'), got 'rope'"),
+        (dict(pos_embedding="alibi"), "pos_embedding must be one of ('learned', 'sinusoidal', 'rope'), got"),
+        (dict(pos_embedding="rope", n_embd=36, n_head=4), "head size 9 (n_embd / n_head) must be even"),
+        (dict(rope_base=0), "rope_base must be a positive number, got 0"),
+        (dict(qk_norm=1), "qk_norm must be true or false, got 1"),
+        (dict(logit_softcap=-1.0), "logit_softcap must be >= 0 (0 = off), got -1.0"),
+        (dict(activation="swiglu"), "activation must be one of ('gelu_tanh', 'gelu', 'relu2'), got 'swiglu'"),
         (dict(attn_impl="flash"), "attn_impl must be one of ('sdpa', 'explicit'), got 'flash'"),
     ],
 )

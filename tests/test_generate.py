@@ -76,6 +76,8 @@ def windowed_reference(model: GPT, prompt: list[int], new_tokens: list[int], kee
         ({}, 32),  # degenerate: every step past the context re-prefills the whole window
         ({"attn_impl": "explicit", "bias": False, "tie_weights": False}, 5),
         ({"pos_embedding": "sinusoidal", "norm_position": "post"}, None),
+        ({"pos_embedding": "rope", "qk_norm": True, "activation": "relu2", "logit_softcap": 10.0}, None),
+        ({"pos_embedding": "rope", "attn_impl": "explicit"}, 5),
     ],
 )
 def test_cached_logits_equal_uncached_every_step_across_the_window(overrides, keep):
@@ -448,11 +450,11 @@ def test_model_mode_is_restored():
 # --- static-shape decode (the CUDA-graph path) -------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_samples", [1, 2])
-def test_static_decode_is_exact_across_the_window_and_with_padding(num_samples):
+@pytest.mark.parametrize("num_samples,overrides", [(1, {}), (2, {}), (2, {"pos_embedding": "rope"})])
+def test_static_decode_is_exact_across_the_window_and_with_padding(num_samples, overrides):
     """compile=True decodes through static_decode (fixed shapes, mask over the whole cache): on CPU it
     runs eagerly, so its logits can be checked here against the ordinary cached path."""
-    model = small_model()
+    model = small_model(**overrides)
     prompts = [[5, 17, 3, 99, 42], [1, 2]]
     kw = dict(seed=0, eot_id=None, num_samples=num_samples)
     plain = list(steps(model, prompts, 60, **kw))
@@ -515,12 +517,18 @@ def test_vocab_size_keeps_samples_out_of_padding_rows():
     assert max(limited) < 100  # ...with it, never
 
 
+SPEEDRUN_OPTIONS = dict(
+    pos_embedding="rope", qk_norm=True, activation="relu2", tie_weights=False, logit_softcap=15.0
+)
+
+
 @pytest.mark.slow
-def test_the_static_decode_step_compiles_with_fullgraph():
+@pytest.mark.parametrize("overrides", [{}, SPEEDRUN_OPTIONS], ids=["gpt2", "speedrun"])
+def test_the_static_decode_step_compiles_with_fullgraph(overrides):
     """The CUDA-graph decode step (the cache's static mode) traces as one graph with no breaks, and the
     compiled step equals the ordinary cached step (aot_eager: dynamo + functionalization, no codegen,
     so this takes seconds on a CPU; a graph break or a Python value read per step would fail here)."""
-    model = small_model()
+    model = small_model(**overrides)
     caches = [KVCache(model.config, 2), KVCache(model.config, 2)]
     with torch.no_grad():
         for c in caches:

@@ -64,8 +64,9 @@ def test_gpt2_124m_logits_equal_transformers_both_ways(tmp_path):
         dict(n_inner=80),
         dict(layer_norm_epsilon=1e-3),
         dict(activation="gelu"),
+        dict(zero_init=True, tie_weights=False, bias=False),  # the speedrun options GPT-2 can hold
     ],
-    ids=["gpt2-style", "no-bias", "untied", "n_inner", "eps", "exact-gelu"],
+    ids=["gpt2-style", "no-bias", "untied", "n_inner", "eps", "exact-gelu", "speedrun-holdable"],
 )
 def test_small_model_exports_to_the_same_function(tmp_path, overrides):
     ours = randomized(GPT(small_config(**overrides)))
@@ -147,29 +148,36 @@ def test_unreadable_or_foreign_files_are_clear_errors(tmp_path):
 
 
 def test_architectures_transformers_cannot_express_refuse_to_export_by_name(tmp_path):
-    for field, value in [("norm_position", "post"), ("pos_embedding", "sinusoidal")]:
-        with pytest.raises(UserError, match=rf"GPTConfig.{field} = '{value}' has no equivalent there"):
+    for field, value in [
+        ("norm_position", "post"),
+        ("pos_embedding", "sinusoidal"),
+        ("pos_embedding", "rope"),  # the speedrun options (GPT2Config has no setting for them)
+        ("qk_norm", True),
+        ("activation", "relu2"),
+        ("logit_softcap", 30.0),
+    ]:
+        with pytest.raises(UserError, match=rf"GPTConfig.{field} = {value!r} has no equivalent there"):
             save_pretrained(GPT(small_config(**{field: value})), tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
 def test_a_new_architecture_option_is_refused_by_name_unless_at_its_default():
-    """Options added to GPTConfig later (rotary positions, QK-norm, ...) are not listed anywhere here: any
-    field HF_CONVERTIBLE does not map converts only at its default, GPT-2's own behaviour."""
+    """Options added to GPTConfig later (value embeddings, ...) are not listed anywhere here: any field
+    HF_CONVERTIBLE does not map converts only at its default, GPT-2's own behaviour."""
     import dataclasses
 
     from gpt2lab.interop.hf import HF_CONVERTIBLE, check_convertible
 
     @dataclasses.dataclass
     class Future(GPTConfig):
-        qk_norm: bool = False
+        value_embeds: bool = False
 
     check_convertible(Future(**small_config().to_dict()), HF_CONVERTIBLE, "Hugging Face GPT-2")
     with pytest.raises(
-        UserError, match=r"GPTConfig.qk_norm = True has no equivalent there \(it holds False\)"
+        UserError, match=r"GPTConfig.value_embeds = True has no equivalent there \(it holds False\)"
     ):
         check_convertible(
-            Future(**small_config().to_dict(), qk_norm=True), HF_CONVERTIBLE, "Hugging Face GPT-2"
+            Future(**small_config().to_dict(), value_embeds=True), HF_CONVERTIBLE, "Hugging Face GPT-2"
         )
 
 

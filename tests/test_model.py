@@ -16,6 +16,20 @@ VARIANTS = {
     "post-ln": dict(norm_position="post"),
     "sinusoidal": dict(pos_embedding="sinusoidal"),
     "ts-6l512-style": dict(pos_embedding="sinusoidal", norm_position="post", n_inner=96, dropout=0.1),
+    "rope": dict(pos_embedding="rope"),
+    "qk-norm": dict(qk_norm=True),
+    "relu2": dict(activation="relu2"),
+    "softcap": dict(logit_softcap=5.0),
+    # every speedrun option at once (zero_init is left out here: zero projections would hide whether
+    # attention and MLP compute anything; randomized() tests give every weight a value anyway)
+    "speedrun": dict(
+        pos_embedding="rope",
+        qk_norm=True,
+        activation="relu2",
+        tie_weights=False,
+        bias=False,
+        logit_softcap=15.0,
+    ),
 }
 
 
@@ -68,6 +82,9 @@ def test_weight_tying_shares_storage():
     untied = GPT(small_config(tie_weights=False))
     assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
     assert untied.num_params() == model.num_params() + 101 * 64
+    # FLOPs count the head's matmul once either way: an untied wte is a lookup, not a matmul
+    assert untied.num_params(non_embedding=True) == model.num_params(non_embedding=True)
+    assert untied.flops_per_token() == model.flops_per_token()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -151,10 +168,11 @@ def test_kv_cache_forward_equals_full_forward(variant, attn_impl):
         model(torch.zeros(2, 9, dtype=torch.long), kv_cache=cache)
 
 
-def test_ragged_batch_through_the_cache_equals_each_row_alone():
+@pytest.mark.parametrize("variant", ["gpt2-style", "rope", "speedrun"])
+def test_ragged_batch_through_the_cache_equals_each_row_alone(variant):
     """Prompts of different lengths in one prefill (right-padded, each row at its own positions), then
-    decode steps: every row's logits equal the plain forward of its own sequence."""
-    model = randomized(GPT(small_config()))
+    decode steps: every row's logits equal the plain forward of its own sequence (RoPE included)."""
+    model = randomized(GPT(small_config(**VARIANTS[variant])))
     prompts = [torch.randint(0, 101, (n,)) for n in (7, 12, 3)]
     width = max(len(p) for p in prompts)
     batch = torch.stack([torch.cat([p, torch.zeros(width - len(p), dtype=torch.long)]) for p in prompts])
@@ -205,3 +223,80 @@ def test_flops_and_mfu():
     assert model.flops_per_token(1024, training=False) == pytest.approx(model.flops_per_token(1024) / 3)
     # 400K tokens/s of GPT-2 124M at T=1024 on a 989 TFLOP/s GPU is about 35% MFU.
     assert model.mfu(400e3, 989e12, seq_len=1024) == pytest.approx(400e3 * 8.5518e8 / 989e12, rel=1e-3)
+
+
+# --- the speedrun options -------------------------------------------------------------------------
+
+
+def test_rope_attention_scores_depend_only_on_the_distance():
+    """RoPE rotates a query at m and a key at n so that their dot product sees only n - m."""
+    from gpt2lab.model import apply_rotary, sinusoidal_positions
+
+    table = sinusoidal_positions(64, 16)  # (T, hs)
+    q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)  # one head, one token each: (1, 1, 1, hs)
+
+    def score(m: int, n: int) -> float:
+        return (apply_rotary(q, table[m : m + 1]) * apply_rotary(k, table[n : n + 1])).sum().item()
+
+    for m, n in ((3, 1), (10, 4), (40, 40)):
+        assert score(m, n) == pytest.approx(score(m + 17, n + 17), abs=1e-5)
+    assert score(5, 1) != pytest.approx(score(5, 2), abs=1e-3)  # the distance itself does count
+    assert torch.allclose(apply_rotary(q, table[:1]), q)  # position 0 is no rotation
+    rotated = apply_rotary(q, table[7:8])
+    assert rotated.norm().item() == pytest.approx(q.norm().item(), rel=1e-6)  # a rotation keeps lengths
+
+
+def test_rope_model_has_no_position_parameters_and_sees_order():
+    model = randomized(GPT(small_config(pos_embedding="rope")))
+    assert "transformer.wpe.weight" not in model.state_dict() and "rope" not in str(model.state_dict().keys())
+    idx = torch.randint(0, 101, (1, 16))
+    with torch.no_grad():
+        a, b = model(idx), model(idx.flip(1))
+    assert not torch.allclose(a[:, -1], b[:, -1], atol=1e-4)  # positions matter without a wpe table
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    model = randomized(GPT(small_config(qk_norm=True, bias=False)))
+    idx = torch.randint(0, 101, (2, 16))
+    with torch.no_grad():
+        before = model(idx)
+        C = model.config.n_embd
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[: 2 * C] *= 7.0  # the query and key rows
+        torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
+        plain = randomized(GPT(small_config(bias=False)))
+        out = plain(idx)
+        for block in plain.transformer.h:
+            block.attn.c_attn.weight[: 2 * C] *= 7.0
+        assert not torch.allclose(plain(idx), out, atol=1e-3)  # without QK-norm the scale counts
+
+
+def test_relu2_activation_and_logit_softcap():
+    from gpt2lab.model import MLP
+
+    mlp = MLP(small_config(activation="relu2"))
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        expected = mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2)
+        torch.testing.assert_close(mlp(x), expected)
+    model = randomized(GPT(small_config(logit_softcap=2.0)))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100.0)  # raw logits far beyond the cap
+        logits = model(torch.randint(0, 101, (2, 8)))
+    assert logits.abs().max().item() <= 2.0 and logits.abs().max().item() > 1.9
+
+
+def test_zero_init_starts_every_block_as_the_identity():
+    torch.manual_seed(0)
+    model = GPT(small_config(zero_init=True, tie_weights=False))
+    for block in model.transformer.h:
+        assert torch.all(block.attn.c_proj.weight == 0) and torch.all(block.mlp.c_proj.weight == 0)
+    assert torch.all(model.lm_head.weight == 0) and model.transformer.wte.weight.std() > 0.01
+    idx, targets = torch.randint(0, 101, (2, 2, 16)).unbind(0)
+    loss = model(idx, targets)
+    assert loss.item() == pytest.approx(math.log(101), abs=1e-6)  # uniform predictions
+    loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0  # and the head learns first
+    tied = GPT(small_config(zero_init=True))  # a tied head is wte: it keeps its N(0, 0.02) start
+    assert tied.lm_head.weight.std() > 0.01
+    assert torch.all(tied.transformer.h[0].mlp.c_proj.weight == 0)

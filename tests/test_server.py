@@ -98,7 +98,7 @@ def running(engine: Engine):
         engine.stop()
 
 
-@pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal", "rope"])
 def test_decoder_rows_of_different_lengths_match_the_uncached_model(pos_embedding):
     """One batched prefill of prompts of different lengths into chosen rows, then decode steps of
     rows 0..n-1: each row's logits == the plain forward of its own sequence."""

@@ -22,6 +22,23 @@ from gpt2lab.shards import run as prepare
 from gpt2lab.train import lr_at, run
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
+# Every speedrun option of GPTConfig at once (zero_init: the blocks start as the identity).
+SPEEDRUN_MODEL = dict(
+    pos_embedding="rope",
+    qk_norm=True,
+    activation="relu2",
+    zero_init=True,
+    tie_weights=False,
+    bias=False,
+    logit_softcap=15.0,
+)
+
+
+def setup_fields(setup: str, dropout: float) -> dict:
+    """cfg() keywords: the GPT-2 model with AdamW, or the speedrun options with Muon."""
+    if setup == "speedrun":
+        return dict(optimizer="muon", muon_lr=0.02, model={**TINY, **SPEEDRUN_MODEL, "dropout": dropout})
+    return dict(model={**TINY, "dropout": dropout})
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +99,12 @@ def test_lr_schedules():
     assert lr_at(99, TrainConfig(lr_schedule="constant", learning_rate=0.3)) == 0.3
 
 
-def test_stop_and_resume_is_exact(data, tmp_path):
-    straight = run(cfg(data, tmp_path / "straight"))
-    run(cfg(data, tmp_path / "split", max_steps=20))  # stops at 20 with a checkpoint
-    run(cfg(data, tmp_path / "split", resume="latest"))  # 20 more
+@pytest.mark.parametrize("setup", ["adamw", "speedrun"])
+def test_stop_and_resume_is_exact(data, tmp_path, setup):
+    kw = setup_fields(setup, dropout=0.1)
+    straight = run(cfg(data, tmp_path / "straight", **kw))
+    run(cfg(data, tmp_path / "split", **{**kw, "max_steps": 20}))  # stops at 20 with a checkpoint
+    run(cfg(data, tmp_path / "split", **kw, resume="latest"))  # 20 more
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
     assert sorted(a) == sorted(b) == list(range(1, 41))
     assert a == b  # bit-identical losses, dropout included (RNG state restored)
@@ -188,9 +207,10 @@ def test_sigkill_while_checkpointing_leaves_a_loadable_checkpoint(data, tmp_path
 
 
 @pytest.mark.slow
-def test_ddp_and_fsdp_two_processes_equal_one_process_with_accumulation(data, tmp_path):
+@pytest.mark.parametrize("setup", ["adamw", "speedrun"])
+def test_ddp_and_fsdp_two_processes_equal_one_process_with_accumulation(data, tmp_path, setup):
     common = dict(
-        model={**TINY, "dropout": 0.0},
+        **setup_fields(setup, dropout=0.0),
         max_steps=12,
         lr_decay_steps=12,
         eval_interval=0,
@@ -224,9 +244,14 @@ def test_ddp_and_fsdp_two_processes_equal_one_process_with_accumulation(data, tm
     assert result.returncode == 0, result.stdout + result.stderr
     fsdp = losses(tmp_path / "fsdp")
     assert all(abs(one[s] - fsdp[s]) < 1e-5 for s in one), (one, fsdp)
-    # ...and its checkpoint (gathered to full tensors) resumes in a single process.
-    run(cfg(data, tmp_path / "fsdp", **{**common, "max_steps": 14, "lr_decay_steps": 12}, resume="latest"))
-    assert sorted(losses(tmp_path / "fsdp")) == list(range(1, 15))
+    # ...and its checkpoint (gathered to full tensors, optimizer state included) resumes in a single
+    # process to the same steps as the single-process run resumed from its own checkpoint.
+    more = {**common, "max_steps": 14, "lr_decay_steps": 12}
+    run(cfg(data, tmp_path / "fsdp", **more, resume="latest"))
+    run(cfg(data, tmp_path / "one", **more, resume="latest"))
+    one, fsdp = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert sorted(fsdp) == list(range(1, 15))
+    assert all(abs(one[s] - fsdp[s]) < 1e-5 for s in (13, 14)), (one, fsdp)
 
 
 def test_nonfinite_loss_stops_or_skips_and_keeps_the_checkpoint(data, tmp_path, monkeypatch):
@@ -311,8 +336,21 @@ def test_every_recipe_parses():
         "tinystories-6l512",
         "fineweb-edu-124m",
         "tinystories-cpu",
+        "shakespeare-speedrun",
+        "tinystories-speedrun",
+        "fineweb-edu-speedrun",
     }
     for path in recipes:
         fields = load_recipe(str(path))
         TrainConfig(**fields)  # validates every field, the preset and the model overrides
         assert path.read_text().startswith("#")  # each states its source, hardware and expected result
+
+
+def test_speedrun_recipe_trains(data, tmp_path):
+    """shakespeare-speedrun runs as written (a few steps, on the test's bytes data)."""
+    fields = load_recipe("shakespeare-speedrun")
+    fields.update(data=str(data), out_dir=str(tmp_path), max_steps=3, batch_size=2, eval_tokens=256)
+    fields.update(sample_tokens=0, warmup_steps=1)
+    summary = run(TrainConfig(**fields))
+    assert summary["step"] == 3 and math.isfinite(summary["best_val_loss"])
+    assert json.loads((resolve(tmp_path) / "config.json").read_text())["train"]["optimizer"] == "muon"

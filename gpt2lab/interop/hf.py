@@ -57,6 +57,7 @@ HF_CONVERTIBLE: dict[str, tuple[Any, ...] | None] = {
     "activation": ("gelu_tanh", "gelu"),
     "layer_norm_epsilon": ANY,
     "init_std": ANY,
+    "zero_init": ANY,  # how training starts, not the function
     "pos_embedding": ("learned",),  # GPT2Config has no sinusoidal positions
     "norm_position": ("pre",),  # nor post-LayerNorm blocks
 }
