@@ -118,7 +118,7 @@ def test_lora_learns_the_chat_format_and_chat_uses_it(base, tmp_path, capsys):
     ]
     args += [
         "--max-steps",
-        "400",
+        "800",
         "--learning-rate",
         "1e-2",
         "--warmup-steps",
@@ -126,7 +126,7 @@ def test_lora_learns_the_chat_format_and_chat_uses_it(base, tmp_path, capsys):
         "--val-fraction",
         "0.05",
     ]
-    assert main([*args, "--eval-interval", "400", *COMMON]) == 0
+    assert main([*args, "--eval-interval", "800", *COMMON]) == 0
     printed = capsys.readouterr().out
     assert "LoRA rank 8, alpha 16 on attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj:" in printed
     assert "1900 train / 100 val examples" in printed and "val loss" in printed
