@@ -29,6 +29,22 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# Every speedrun option of GPTConfig at once but zero_init (zero projections would hide whether attention
+# and the MLP compute anything; tests that train add it).
+SPEEDRUN_OPTIONS = dict(
+    pos_embedding="rope", qk_norm=True, activation="relu2", tie_weights=False, bias=False, logit_softcap=15.0
+)
+
+
+def shakespeare_text(chars: int, fallback_words: int) -> str:
+    """The first `chars` characters of ../shared/data's tinyshakespeare, or without it a made-up text
+    of `fallback_words` words."""
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if path.exists():
+        return path.read_text()[:chars]
+    return " ".join(f"w{i % 89}" for i in range(fallback_words))
+
+
 def small_config(**overrides) -> GPTConfig:
     """A GPT-2-shaped model small enough to run anything on CPU in milliseconds."""
     fields = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=101)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shakespeare_text
 from safetensors.torch import load_file, save_file
 
 from gpt2lab.atomic import directory_lock
@@ -57,8 +58,7 @@ def train_args(c: TrainConfig) -> list[str]:
 
 
 def text() -> str:
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-    return shared.read_text()[:60_000] if shared.exists() else " ".join(f"w{i % 89}" for i in range(12_000))
+    return shakespeare_text(60_000, 12_000)
 
 
 @pytest.fixture(scope="module")

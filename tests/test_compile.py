@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomized, small_config
+from conftest import SPEEDRUN_OPTIONS, randomized, small_config
 
 from gpt2lab import GPT
 
-SPEEDRUN = dict(
-    pos_embedding="rope",
-    qk_norm=True,
-    activation="relu2",
-    tie_weights=False,
-    bias=False,
-    logit_softcap=15.0,
-)
+SPEEDRUN = SPEEDRUN_OPTIONS
 
 
 def compiled_step_matches_eager(device: str, backend: str, overrides: dict) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shakespeare_text
 
 from gpt2lab.checkpoint import load_model, read_pointer, resolve
 from gpt2lab.cli import main
@@ -66,8 +67,7 @@ def train_cfg(data: Path, out: Path, **kw) -> TrainConfig:
 
 
 def corpus_text() -> str:
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-    return shared.read_text()[:120_000] if shared.exists() else " ".join(f"w{i % 89}" for i in range(25_000))
+    return shakespeare_text(120_000, 25_000)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomized, small_config
+from conftest import SPEEDRUN_OPTIONS, randomized, small_config
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.errors import UserError
@@ -22,14 +22,7 @@ VARIANTS = {
     "softcap": dict(logit_softcap=5.0),
     # every speedrun option at once (zero_init is left out here: zero projections would hide whether
     # attention and MLP compute anything; randomized() tests give every weight a value anyway)
-    "speedrun": dict(
-        pos_embedding="rope",
-        qk_norm=True,
-        activation="relu2",
-        tie_weights=False,
-        bias=False,
-        logit_softcap=15.0,
-    ),
+    "speedrun": SPEEDRUN_OPTIONS,
 }
 
 

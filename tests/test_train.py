@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SPEEDRUN_OPTIONS
 
 from gpt2lab.checkpoint import load_model, resolve
 from gpt2lab.cli import main
@@ -23,15 +24,7 @@ from gpt2lab.train import lr_at, run
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 # Every speedrun option of GPTConfig at once (zero_init: the blocks start as the identity).
-SPEEDRUN_MODEL = dict(
-    pos_embedding="rope",
-    qk_norm=True,
-    activation="relu2",
-    zero_init=True,
-    tie_weights=False,
-    bias=False,
-    logit_softcap=15.0,
-)
+SPEEDRUN_MODEL = {**SPEEDRUN_OPTIONS, "zero_init": True}
 
 
 def setup_fields(setup: str, dropout: float) -> dict:
