@@ -445,6 +445,10 @@ class TrainConfig:
     val_fraction: float = 0.0  # .jsonl data without val_data: hold out this fraction of the examples
     seed: int = 1337
     max_steps: int = 5000
+    # A time budget: seconds of training (its evaluations and checkpoints included; not start-up nor the
+    # final evaluation). The run ends at max_time or max_steps, whichever comes first, and the learning
+    # rate schedule runs on whichever is further along, so a budget ends with its decay done.
+    max_time: float | None = None
     batch_size: int = 12  # micro-batch per process
     seq_len: int | None = None  # default: the model's block_size
     total_batch_size: int | None = None  # tokens per optimizer step; default: one micro-batch per process
@@ -521,6 +525,8 @@ class TrainConfig:
             raise UserError(
                 f"muon_lr must be > 0 and muon_momentum in [0, 1), got {self.muon_lr}, {self.muon_momentum}"
             )
+        if self.max_time is not None and not self.max_time > 0:
+            raise UserError(f"max_time must be a positive number of seconds, got {self.max_time}")
         if not 0 <= self.wsd_decay_fraction <= 1:
             raise UserError(f"wsd_decay_fraction must be in [0, 1], got {self.wsd_decay_fraction}")
         if self.lora_rank <= 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:

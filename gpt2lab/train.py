@@ -61,25 +61,31 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 METRICS = "metrics.jsonl"
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """The learning rate of optimizer step `step` (0-based): linear warmup, then the schedule."""
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup, then the schedule. Under a
+    time budget (max_time) the schedule's progress is the fraction of the budget spent (`elapsed`
+    seconds of training) or of max_steps, whichever is further along."""
     min_lr = cfg.learning_rate / 10 if cfg.min_lr is None else cfg.min_lr
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.learning_rate
+    done = max(step / cfg.max_steps, elapsed / cfg.max_time) if cfg.max_time else None  # 0 -> 1
     if cfg.lr_schedule == "wsd":  # warmup-stable-decay: flat, then a linear decay over the last fraction
-        decay_start = cfg.max_steps - round(cfg.wsd_decay_fraction * cfg.max_steps)
-        if step < decay_start:
-            return cfg.learning_rate
-        frac = (step - decay_start) / max(1, cfg.max_steps - decay_start)
-        return cfg.learning_rate + frac * (min_lr - cfg.learning_rate)
-    decay_end = cfg.lr_decay_steps or cfg.max_steps
-    if step >= decay_end:
+        if done is None:
+            decay_start = cfg.max_steps - round(cfg.wsd_decay_fraction * cfg.max_steps)
+            frac = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        else:
+            frac = 1 - (1 - done) / cfg.wsd_decay_fraction if cfg.wsd_decay_fraction else 0.0
+        return cfg.learning_rate + min(1.0, max(0.0, frac)) * (min_lr - cfg.learning_rate)
+    if done is None:
+        decay_end = cfg.lr_decay_steps or cfg.max_steps
+        span = max(1, decay_end - cfg.warmup_steps)  # cosine: 1 -> 0 over [warmup, end]
+        frac = 1.0 if step >= decay_end else (step - cfg.warmup_steps) / span
+    else:
+        frac = done
+    if frac >= 1:
         return min_lr
-    frac = (step - cfg.warmup_steps) / max(
-        1, decay_end - cfg.warmup_steps
-    )  # cosine: 1 -> 0 over [warmup, end]
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.learning_rate - min_lr)
 
 
@@ -366,6 +372,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
         # --- resume: weights, step, data position, RNG states (the optimizer's once it exists) -------
         best_val, bad_evals, skips, state, src = math.inf, 0, 0, None, None
+        trained_s = 0.0  # seconds of training before this process (max_time's clock)
         if cfg.resume and cfg.resume != "latest":
             src = ckpt.resolve(cfg.resume)
         elif cfg.resume and ckpt.read_pointer(out_dir) is not None:
@@ -407,9 +414,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 state["bad_evals"],
                 state["skips"],
             )
+            trained_s = state.get("train_s", 0.0)  # absent in checkpoints from before max_time
             print0(f"resumed from {src} at step {step}")
+            finished = ""
             if step >= cfg.max_steps:
-                print0(f"the run is finished (max_steps {cfg.max_steps}); raise --max-steps to train on")
+                finished = f"max_steps {cfg.max_steps}); raise --max-steps"
+            elif cfg.max_time and trained_s >= cfg.max_time:
+                finished = f"max_time {cfg.max_time:g} s, {trained_s:.0f} s trained); raise --max-time"
+            if finished:
+                print0(f"the run is finished ({finished} to train on")
                 return {"step": step, "train_loss": math.nan, "best_val_loss": best_val,
                         "median_step_ms": math.nan, "tokens": 0, "stopped": "already finished",
                         "out_dir": str(out_dir)}  # fmt: skip
@@ -479,6 +492,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         print0(
             f"batch: {cfg.batch_size} x {'up to ' if data.padded else ''}{T} tokens x {dist.world_size} "
             f"processes x {grad_accum} accumulation = {total:,} tokens/step; {cfg.max_steps} steps"
+            + (f" or {fmt_time(cfg.max_time)} of training, whichever comes first" if cfg.max_time else "")
         )
 
         # --- stop cleanly on SIGTERM / SIGINT: finish the step, save, exit ---------------------------
@@ -490,7 +504,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         for s in (signal.SIGTERM, signal.SIGINT):
             cleanup.callback(signal.signal, s, signal.signal(s, on_signal))
 
-        def save(at_step: int, is_best: bool, train_loss: float | None) -> None:
+        def save(at_step: int, is_best: bool, train_loss: float | None, train_s: float) -> None:
             """Checkpoint the state *before* step `at_step`: resuming from it runs that step next.
             Weights that are not all finite are never written (every rank checks its own shard)."""
             local = (p.to_local() if hasattr(p, "to_local") else p for p in raw.parameters())
@@ -508,6 +522,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 "best_val": best_val,
                 "bad_evals": bad_evals,
                 "skips": skips,
+                "train_s": train_s,
                 "rng": {
                     "cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
@@ -530,8 +545,19 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         first_step, tokens_seen, last_loss, last_logged, stopped = step, 0, None, math.nan, ""
         t_start, first_line = time.perf_counter(), None  # first_line: (time, step) of the first progress line
         window = {"steps": 0, "tokens": 0, "seconds": 0.0}  # the steps since the last progress line
+
+        def clock() -> float:
+            """Seconds of training, this process's and before a resume: max_time's clock. Under DDP rank 0's
+            and the others' differ a little: all take their mean, so they stop at the same step."""
+            t = trained_s + time.perf_counter() - t_start
+            if cfg.max_time and dist.enabled:
+                t = distributed.all_reduce_mean(torch.tensor(t, dtype=torch.float64, device=device)).item()
+            return t
+
+        of = "" if cfg.max_time else f"/{cfg.max_steps}"  # "step 120/2000"; under a time budget, "step 120"
         while True:
-            last = step >= cfg.max_steps
+            train_s = clock()
+            last = step >= cfg.max_steps or (cfg.max_time is not None and train_s >= cfg.max_time)
 
             # --- eval: val loss (all-reduced), HellaSwag, samples; early stopping -------------------
             eval_now = data.has_val and (
@@ -583,6 +609,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     step,
                     is_best,
                     None if last_loss is None else distributed.all_reduce_mean(last_loss).item(),
+                    train_s,
                 )
             if last or stopped:
                 break
@@ -600,11 +627,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 logger.log(
                     {"step": step, "train_loss": last_logged, "elapsed_s": time.perf_counter() - t_start}
                 )
-                print0(
-                    f"step {step:>6}/{cfg.max_steps} | counted {n:,} train targets | loss {last_logged:.4f}"
-                )
+                print0(f"step {step:>6}{of} | counted {n:,} train targets | loss {last_logged:.4f}")
                 continue
-            lr = lr_at(step, cfg)
+            lr = lr_at(step, cfg, train_s)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
@@ -672,6 +697,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 else:
                     pace = (now - first_line[0]) / (step - first_line[1])
                 eta = (cfg.max_steps - step) * pace
+                done = step / cfg.max_steps
+                if cfg.max_time:  # the budget left, when it ends the run first
+                    spent = trained_s + now - t_start
+                    eta, done = min(eta, max(0.0, cfg.max_time - spent)), max(done, spent / cfg.max_time)
                 event = {
                     "step": step,
                     "train_loss": train_loss,
@@ -687,10 +716,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     mfu = f" | MFU {event['mfu']:.1%}"
                 logger.log(event)
                 window = {"steps": 0, "tokens": 0, "seconds": 0.0}
-                done = step / cfg.max_steps
-                bar = "█" * int(20 * done) + "·" * (20 - int(20 * done))
+                filled = int(20 * min(1.0, done))
+                bar = "█" * filled + "·" * (20 - filled)
                 print0(
-                    f"step {step:>6}/{cfg.max_steps} {bar} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                    f"step {step:>6}{of} {bar} | loss {train_loss:.4f} | lr {lr:.2e} | "
                     f"norm {norm.item():.2f} | {tok_s / 1e3:,.1f}K tok/s{mfu} | {step_ms:.0f} ms/step | "
                     f"{fmt_time(now - t_start)} | ETA {fmt_time(eta)}"
                 )
@@ -731,7 +760,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             "best_val_loss": best_val,
             "median_step_ms": median_ms,
             "tokens": tokens_seen,
-            "stopped": stopped or "max_steps reached",
+            "stopped": stopped or ("max_steps reached" if step >= cfg.max_steps else "max_time reached"),
             "out_dir": str(out_dir),
         }
         timing = f"median step time {median_ms:.1f} ms" if step_times else "no steps run"

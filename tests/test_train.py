@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 from conftest import SPEEDRUN_OPTIONS
 
-from gpt2lab.checkpoint import load_model, resolve
+from gpt2lab.checkpoint import load_model, load_state, resolve
 from gpt2lab.cli import main
 from gpt2lab.config import PrepareConfig, TrainConfig, load_recipe
 from gpt2lab.errors import UserError
@@ -90,6 +91,32 @@ def test_lr_schedules():
     wsd = TrainConfig(learning_rate=1.0, min_lr=0.0, lr_schedule="wsd", max_steps=100, wsd_decay_fraction=0.2)
     assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0 and lr_at(90, wsd) == pytest.approx(0.5)
     assert lr_at(99, TrainConfig(lr_schedule="constant", learning_rate=0.3)) == 0.3
+    # Under a time budget the schedule runs on the fraction spent of max_time or max_steps, the larger
+    timed = dataclasses.replace(wsd, max_steps=10_000, max_time=100.0)
+    assert lr_at(50, timed, elapsed=70.0) == 1.0 and lr_at(50, timed, elapsed=90.0) == pytest.approx(0.5)
+    assert lr_at(9_000, timed, elapsed=10.0) == pytest.approx(0.5)  # max_steps nearer: its fraction rules
+    assert lr_at(50, timed, elapsed=100.0) == 0.0
+    cosine = dataclasses.replace(c, max_steps=10_000, max_time=60.0)
+    assert lr_at(5, cosine, elapsed=30.0) == 0.6  # still warming up: warmup counts steps
+    assert lr_at(20, cosine, elapsed=30.0) == pytest.approx(0.55) and lr_at(20, cosine, elapsed=61.0) == 0.1
+
+
+def test_time_budget_ends_the_run_and_resumes(data, tmp_path):
+    """--max-time: the run stops at the budget however many steps that is, its schedule decayed to
+    min_lr; the seconds trained are checkpointed, so a resume continues the budget, not a new one."""
+    out = tmp_path / "timed"
+    kw = dict(max_steps=1_000_000, max_time=3.0, lr_schedule="wsd", min_lr=0.0, eval_interval=0)
+    summary = run(cfg(data, out, **{**kw, "checkpoint_interval": 1_000_000}))
+    assert summary["stopped"] == "max_time reached" and 5 < summary["step"] < 1_000_000
+    lrs = [json.loads(line).get("lr") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [lr for lr in lrs if lr is not None]
+    assert max(lrs) == pytest.approx(3e-3) and lrs[-1] < 0.5 * 3e-3  # decayed by the time it ended
+    state = load_state(resolve(out))
+    assert 3.0 <= state["train_s"] < 30 and state["step"] == summary["step"]
+    again = run(cfg(data, out, **kw, resume="latest"))  # the budget is spent: nothing more to do
+    assert again["stopped"] == "already finished" and again["step"] == summary["step"]
+    more = run(cfg(data, out, **{**kw, "max_time": 5.0}, resume="latest"))  # 2 more seconds
+    assert more["stopped"] == "max_time reached" and more["step"] > summary["step"]
 
 
 @pytest.mark.parametrize("setup", ["adamw", "speedrun"])
@@ -245,6 +272,20 @@ def test_ddp_and_fsdp_two_processes_equal_one_process_with_accumulation(data, tm
     one, fsdp = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
     assert sorted(fsdp) == list(range(1, 15))
     assert all(abs(one[s] - fsdp[s]) < 1e-5 for s in (13, 14)), (one, fsdp)
+
+
+@pytest.mark.slow
+def test_time_budget_under_ddp_every_rank_stops_at_the_same_step(data, tmp_path):
+    """Each rank reads its own clock; a rank that stopped a step before the other would leave it
+    waiting in an all-reduce forever. They share one clock (the mean), so the run ends, on time."""
+    c = cfg(data, tmp_path / "two", max_steps=1_000_000, max_time=4.0, eval_interval=0, lr_schedule="wsd")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    cmd += ["-m", "gpt2lab", "train", *_flags(c)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "done: max_time reached" in result.stdout
+    assert "2 process(es)" in result.stdout and load_state(resolve(tmp_path / "two"))["train_s"] >= 4.0
 
 
 def test_nonfinite_loss_stops_or_skips_and_keeps_the_checkpoint(data, tmp_path, monkeypatch):
