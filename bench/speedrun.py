@@ -8,10 +8,10 @@ Each run is `gpt2lab train --recipe NAME` in a fresh process, as a user would ru
 the time to target is the wall time from launching the process to the first printed exact val loss
 (whole validation split) at or below the target: start-up, training, evaluations all count. Rounds
 alternate the order of the runs, so a machine that gets busier or quieter favours none of them.
-tinystories: each recipe's schedule is fitted to the budget (its step time is measured in a short
-calibration on this machine, and max_steps and warmup_steps are scaled to fill the budget); the
-final checkpoint is then scored with `gpt2lab eval loss` (bits per byte over the whole val split)
-and sampled with a fixed seed.
+tinystories: each recipe trains for the same time budget (`--max-time`: its learning rate schedule
+runs on the fraction of the budget spent, so each ends decayed, however fast its steps are here);
+the final checkpoint is then scored with `gpt2lab eval loss` (bits per byte over the whole val
+split) and sampled with a fixed seed.
 
 Resumable: results go to WORK/results.jsonl, one line per finished run, and a rerun skips the runs
 that are there (delete the file to start over). Every run records the load average before and
@@ -271,8 +271,6 @@ def shakespeare_report(results: list[dict], target: float) -> str:
 def tinystories(args: argparse.Namespace, env: dict[str, str]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from gpt2lab.config import load_recipe
-
     work, results_path = Path(args.work), Path(args.work) / "results.jsonl"
     tok, data = work / "tokenizers" / "ts4k", work / "data" / "tinystories-4k"
     if not (tok / "vocab.bpe").exists():
@@ -293,49 +291,18 @@ def tinystories(args: argparse.Namespace, env: dict[str, str]) -> None:
     # has; else one after the other (alternating the order by round), each with all threads
     workers = 2 if args.side_by_side else 1
 
-    def calibrate(recipe: str) -> tuple[int, int, float]:
-        """(steps, warmup) that fill the budget here, from two short timed runs; and its step ms.
-
-        Runs of n and 3n steps: the difference of their wall times is 2n steady steps, whatever the
-        start-up, the first slow steps, the final evaluation and the checkpoint cost (one run's median
-        step time overstated the speedrun's steady steps by 11% and left 8% of its budget unused)."""
-        fields, n = load_recipe(recipe), args.calibration_steps
-        planned = dict(item.split("=") for item in args.steps)
-        if recipe in planned:  # given: steps measured to fill the budget on this machine by earlier runs
-            steps = int(planned[recipe])
-            warmup = round(fields.get("warmup_steps", 0) * steps / fields.get("max_steps", steps))
-            return steps, warmup, float("nan")
-        walls = []
-        for k in (n, 3 * n):
-            out = work / "runs" / f"calibrate-{recipe}-{k}"
-            walls.append(
-                run_train(recipe, [*common, "--max-steps", str(k), "--overwrite"], out, env)["wall_s"]
-            )
-        step_s = (walls[1] - walls[0]) / (2 * n)
-        fixed_s = max(0.0, walls[0] - n * step_s)  # start-up, final evaluation, checkpoint
-        steps = max(10, int((args.budget - fixed_s) / step_s))
-        return (
-            steps,
-            round(fields.get("warmup_steps", 0) * steps / fields.get("max_steps", steps)),
-            step_s * 1e3,
-        )
-
-    def train(recipe: str, rnd: int, steps: int, warmup: int) -> dict:
+    def train(recipe: str, rnd: int) -> dict:
         out = work / "runs" / f"tinystories-r{rnd}-{recipe}"
-        flags = [*common, "--max-steps", str(steps), "--warmup-steps", str(warmup), "--overwrite"]
-        return {**run_train(recipe, flags, out, env, cap_s=args.budget * 1.1), "out": out}
+        flags = [*common, "--max-time", str(args.budget), "--max-steps", "1000000", "--overwrite"]
+        return {**run_train(recipe, flags, out, env, cap_s=args.budget * 1.5), "out": out}
 
     for rnd in range(args.rounds):
         todo = [
             (lab, rec) for lab, rec in (entries if rnd % 2 == 0 else entries[::-1]) if (rnd, lab) not in done
         ]
         with ThreadPoolExecutor(workers) as pool:
-            plans = list(pool.map(calibrate, [rec for _, rec in todo]))
-            jobs = [
-                (rec, rnd, steps, warmup) for (_, rec), (steps, warmup, _) in zip(todo, plans, strict=True)
-            ]
-            runs = list(pool.map(lambda job: train(*job), jobs))
-        for (label, recipe), (steps, _, cal_ms), r in zip(todo, plans, runs, strict=True):
+            runs = list(pool.map(train, [rec for _, rec in todo], [rnd] * len(todo)))
+        for (label, recipe), r in zip(todo, runs, strict=True):
             out = r["out"]
             gpt2lab(
                 "eval",
@@ -360,8 +327,7 @@ def tinystories(args: argparse.Namespace, env: dict[str, str]) -> None:
                 "recipe": recipe,
                 "budget_s": args.budget,
                 "side_by_side": args.side_by_side,
-                "planned_steps": steps,
-                "calibrated_step_ms": cal_ms,
+                "max_time_s": args.budget,
                 "bits_per_byte": result["bits_per_byte"],
                 "val_loss": result["loss"],
                 "sample": sample.strip(),
@@ -394,7 +360,7 @@ def tinystories_report(results: list[dict]) -> str:
     base = "tinystories-cpu (baseline)"
     by_round = {(r["round"], r["label"]): r for r in results}
     rows = [
-        f"Equal budget of {results[0]['budget_s']:.0f} s per run (schedule fitted to this machine"
+        f"Equal budget of {results[0]['budget_s']:.0f} s of training per run (`--max-time`"
         + ("; the two recipes side by side, one thread each" if results[0].get("side_by_side") else "")
         + "), bits per byte over the whole val split:",
         "",
@@ -440,17 +406,8 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=SHAKESPEARE_TARGET, help="shakespeare: target val loss")
     ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True, help="shakespeare")
     ap.add_argument("--text", default=str(SHARED / "tinyshakespeare.txt"), help="shakespeare: the corpus")
-    ap.add_argument("--budget", type=float, default=600.0, help="tinystories: seconds per run")
     ap.add_argument(
-        "--steps",
-        nargs="*",
-        default=[],
-        metavar="RECIPE=N",
-        help="tinystories: max_steps for a recipe instead of calibrating (all-in seconds per step of earlier "
-        "full runs here: short calibrations misjudge runs whose first steps are slower)",
-    )
-    ap.add_argument(
-        "--calibration-steps", type=int, default=20, help="tinystories: n of the n and 3n steps timed"
+        "--budget", type=float, default=600.0, help="tinystories: seconds of training per run (--max-time)"
     )
     ap.add_argument(
         "--side-by-side",
