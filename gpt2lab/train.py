@@ -63,27 +63,23 @@ METRICS = "metrics.jsonl"
 
 def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
     """The learning rate of optimizer step `step` (0-based): linear warmup, then the schedule. Under a
-    time budget (max_time) the schedule's progress is the fraction of the budget spent (`elapsed`
-    seconds of training) or of max_steps, whichever is further along."""
+    time budget (max_time) the schedule is as far along as the steps or the budget spent (`elapsed`
+    seconds of training) say, whichever is further."""
     min_lr = cfg.learning_rate / 10 if cfg.min_lr is None else cfg.min_lr
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.learning_rate
-    done = max(step / cfg.max_steps, elapsed / cfg.max_time) if cfg.max_time else None  # 0 -> 1
+    spent = elapsed / cfg.max_time if cfg.max_time else 0.0  # the fraction of the time budget spent
     if cfg.lr_schedule == "wsd":  # warmup-stable-decay: flat, then a linear decay over the last fraction
-        if done is None:
-            decay_start = cfg.max_steps - round(cfg.wsd_decay_fraction * cfg.max_steps)
-            frac = (step - decay_start) / max(1, cfg.max_steps - decay_start)
-        else:
-            frac = 1 - (1 - done) / cfg.wsd_decay_fraction if cfg.wsd_decay_fraction else 0.0
+        decay_start = cfg.max_steps - round(cfg.wsd_decay_fraction * cfg.max_steps)
+        frac = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        if cfg.wsd_decay_fraction:
+            frac = max(frac, 1 - (1 - spent) / cfg.wsd_decay_fraction)
         return cfg.learning_rate + min(1.0, max(0.0, frac)) * (min_lr - cfg.learning_rate)
-    if done is None:
-        decay_end = cfg.lr_decay_steps or cfg.max_steps
-        span = max(1, decay_end - cfg.warmup_steps)  # cosine: 1 -> 0 over [warmup, end]
-        frac = 1.0 if step >= decay_end else (step - cfg.warmup_steps) / span
-    else:
-        frac = done
+    decay_end = cfg.lr_decay_steps or cfg.max_steps
+    span = max(1, decay_end - cfg.warmup_steps)  # cosine: 1 -> 0 over [warmup, end]
+    frac = max(1.0 if step >= decay_end else (step - cfg.warmup_steps) / span, spent)
     if frac >= 1:
         return min_lr
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.learning_rate - min_lr)
@@ -555,8 +551,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             return t
 
         of = "" if cfg.max_time else f"/{cfg.max_steps}"  # "step 120/2000"; under a time budget, "step 120"
+        train_s = trained_s  # read after every step (the evaluations before it included)
         while True:
-            train_s = clock()
             last = step >= cfg.max_steps or (cfg.max_time is not None and train_s >= cfg.max_time)
 
             # --- eval: val loss (all-reduced), HellaSwag, samples; early stopping -------------------
@@ -609,7 +605,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     step,
                     is_best,
                     None if last_loss is None else distributed.all_reduce_mean(last_loss).item(),
-                    train_s,
+                    clock(),
                 )
             if last or stopped:
                 break
@@ -683,9 +679,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             tokens_seen += step_tokens
             window = {"steps": window["steps"] + 1, "tokens": window["tokens"] + step_tokens,
                       "seconds": window["seconds"] + dt}  # fmt: skip
+            train_s = clock()
+            ends = step == cfg.max_steps or (cfg.max_time is not None and train_s >= cfg.max_time)
 
             # --- log: throughput over the steps since the last line; ETA from the pace since the first --
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            if step % cfg.log_interval == 0 or ends:
                 train_loss = last_logged = distributed.all_reduce_mean(loss_sum).item()
                 now = time.perf_counter()
                 tok_s = window["tokens"] / window["seconds"]
@@ -699,8 +697,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 eta = (cfg.max_steps - step) * pace
                 done = step / cfg.max_steps
                 if cfg.max_time:  # the budget left, when it ends the run first
-                    spent = trained_s + now - t_start
-                    eta, done = min(eta, max(0.0, cfg.max_time - spent)), max(done, spent / cfg.max_time)
+                    eta = min(eta, max(0.0, cfg.max_time - train_s))
+                    done = max(done, train_s / cfg.max_time)
                 event = {
                     "step": step,
                     "train_loss": train_loss,
@@ -768,6 +766,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             f"done: {summary['stopped']} at step {step}; best val loss {best_val:.4f}; {timing}; "
             f"checkpoints in {out_dir}"
         )
+        if summary["stopped"] == "max_time reached" and step < cfg.warmup_steps:
+            print0(f"note: the time budget ended during the warmup ({step} of {cfg.warmup_steps} steps): the "
+                   "learning rate never decayed; lower --warmup-steps or raise --max-time")  # fmt: skip
         return summary
     except WriteError as e:  # a full disk, a quota: the writer left no partial file behind
         vocab = raw.config.vocab_size if raw is not None else 2

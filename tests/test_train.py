@@ -99,6 +99,11 @@ def test_lr_schedules():
     cosine = dataclasses.replace(c, max_steps=10_000, max_time=60.0)
     assert lr_at(5, cosine, elapsed=30.0) == 0.6  # still warming up: warmup counts steps
     assert lr_at(20, cosine, elapsed=30.0) == pytest.approx(0.55) and lr_at(20, cosine, elapsed=61.0) == 0.1
+    # A budget that does not bind leaves the step schedule as it is (warmup's end, lr_decay_steps)
+    for sched in (c, wsd, dataclasses.replace(c, lr_decay_steps=60, max_steps=200)):
+        roomy = dataclasses.replace(sched, max_time=1e6)
+        timed = [lr_at(s, roomy, elapsed=1.0) for s in range(sched.max_steps + 1)]
+        assert timed == pytest.approx([lr_at(s, sched) for s in range(sched.max_steps + 1)], rel=1e-9)
 
 
 def test_time_budget_ends_the_run_and_resumes(data, tmp_path):
@@ -108,9 +113,10 @@ def test_time_budget_ends_the_run_and_resumes(data, tmp_path):
     kw = dict(max_steps=1_000_000, max_time=3.0, lr_schedule="wsd", min_lr=0.0, eval_interval=0)
     summary = run(cfg(data, out, **{**kw, "checkpoint_interval": 1_000_000}))
     assert summary["stopped"] == "max_time reached" and 5 < summary["step"] < 1_000_000
-    lrs = [json.loads(line).get("lr") for line in (out / "metrics.jsonl").read_text().splitlines()]
-    lrs = [lr for lr in lrs if lr is not None]
-    assert max(lrs) == pytest.approx(3e-3) and lrs[-1] < 0.5 * 3e-3  # decayed by the time it ended
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [e["lr"] for e in events if "lr" in e]
+    assert events[-2]["step"] == summary["step"]  # the last step is logged (then the final val loss)
+    assert max(lrs) == pytest.approx(3e-3) and lrs[-1] < 0.25 * 3e-3  # decayed by the time it ended
     state = load_state(resolve(out))
     assert 3.0 <= state["train_s"] < 30 and state["step"] == summary["step"]
     again = run(cfg(data, out, **kw, resume="latest"))  # the budget is spent: nothing more to do
