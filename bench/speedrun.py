@@ -327,7 +327,6 @@ def tinystories(args: argparse.Namespace, env: dict[str, str]) -> None:
                 "recipe": recipe,
                 "budget_s": args.budget,
                 "side_by_side": args.side_by_side,
-                "max_time_s": args.budget,
                 "bits_per_byte": result["bits_per_byte"],
                 "val_loss": result["loss"],
                 "sample": sample.strip(),

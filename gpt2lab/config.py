@@ -445,9 +445,9 @@ class TrainConfig:
     val_fraction: float = 0.0  # .jsonl data without val_data: hold out this fraction of the examples
     seed: int = 1337
     max_steps: int = 5000
-    # A time budget: seconds of training (its evaluations and checkpoints included; not start-up nor the
-    # final evaluation). The run ends at max_time or max_steps, whichever comes first, and the learning
-    # rate schedule runs on whichever is further along, so a budget ends with its decay done.
+    # A time budget: seconds of training (its evaluations, checkpoints and a compile included; not start-up
+    # nor the final evaluation). The run ends at max_time or max_steps, whichever comes first, and the
+    # learning rate schedule is as far along as either says, so a budget ends with its decay done.
     max_time: float | None = None
     batch_size: int = 12  # micro-batch per process
     seq_len: int | None = None  # default: the model's block_size

@@ -412,13 +412,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             )
             trained_s = state.get("train_s", 0.0)  # absent in checkpoints from before max_time
             print0(f"resumed from {src} at step {step}")
-            finished = ""
+            limit, flag = "", ""
             if step >= cfg.max_steps:
-                finished = f"max_steps {cfg.max_steps}); raise --max-steps"
+                limit, flag = f"max_steps {cfg.max_steps}", "--max-steps"
             elif cfg.max_time and trained_s >= cfg.max_time:
-                finished = f"max_time {cfg.max_time:g} s, {trained_s:.0f} s trained); raise --max-time"
-            if finished:
-                print0(f"the run is finished ({finished} to train on")
+                limit, flag = f"max_time {cfg.max_time:g} s, {trained_s:.1f} s trained", "--max-time"
+            if limit:
+                print0(f"the run is finished ({limit}); raise {flag} to train on")
                 return {"step": step, "train_loss": math.nan, "best_val_loss": best_val,
                         "median_step_ms": math.nan, "tokens": 0, "stopped": "already finished",
                         "out_dir": str(out_dir)}  # fmt: skip

@@ -13,8 +13,6 @@ from conftest import SPEEDRUN_OPTIONS, randomized, small_config
 
 from gpt2lab import GPT
 
-SPEEDRUN = SPEEDRUN_OPTIONS
-
 
 def compiled_step_matches_eager(device: str, backend: str, overrides: dict) -> None:
     torch._dynamo.reset()
@@ -33,7 +31,7 @@ def compiled_step_matches_eager(device: str, backend: str, overrides: dict) -> N
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["gpt2", "speedrun"])
 def test_training_step_compiles_whole_on_cpu(variant):
-    compiled_step_matches_eager("cpu", "aot_eager", SPEEDRUN if variant == "speedrun" else {})
+    compiled_step_matches_eager("cpu", "aot_eager", SPEEDRUN_OPTIONS if variant == "speedrun" else {})
 
 
 @pytest.mark.gpu
@@ -41,4 +39,4 @@ def test_training_step_compiles_whole_on_cpu(variant):
 def test_training_step_compiles_whole_with_inductor_on_gpu(variant):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    compiled_step_matches_eager("cuda", "inductor", SPEEDRUN if variant == "speedrun" else {})
+    compiled_step_matches_eager("cuda", "inductor", SPEEDRUN_OPTIONS if variant == "speedrun" else {})

@@ -91,7 +91,7 @@ def test_lr_schedules():
     wsd = TrainConfig(learning_rate=1.0, min_lr=0.0, lr_schedule="wsd", max_steps=100, wsd_decay_fraction=0.2)
     assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0 and lr_at(90, wsd) == pytest.approx(0.5)
     assert lr_at(99, TrainConfig(lr_schedule="constant", learning_rate=0.3)) == 0.3
-    # Under a time budget the schedule runs on the fraction spent of max_time or max_steps, the larger
+    # Under a time budget the schedule is as far along as the steps or the fraction of max_time spent say
     timed = dataclasses.replace(wsd, max_steps=10_000, max_time=100.0)
     assert lr_at(50, timed, elapsed=70.0) == 1.0 and lr_at(50, timed, elapsed=90.0) == pytest.approx(0.5)
     assert lr_at(9_000, timed, elapsed=10.0) == pytest.approx(0.5)  # max_steps nearer: its fraction rules
